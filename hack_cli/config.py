@@ -1,0 +1,214 @@
+"""Typed, validated configuration.
+
+Hydra composes plain YAML from `conf/`; `validate` then checks every group against its dataclass schema (types,
+unknown keys) and the schema's `__post_init__` checks values (bits in {2,4,8}, partition a multiple of 16, ...).
+Any failure is a `ConfigError` naming the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from hack_cli.errors import ConfigError, HackError
+
+
+def check_choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, "expected one of " + ", ".join(map(str, allowed)))
+
+
+def check_positive(key: str, value) -> None:
+    if value is None or not value > 0:
+        raise ConfigError(key, value, "expected a positive number")
+
+
+def check_partition(key: str, value: int) -> None:
+    if value <= 0 or value % 16:
+        raise ConfigError(key, value, "expected a positive multiple of 16 (e.g. 32, 64, 128)")
+
+
+def check_path(key: str, value: Optional[str]) -> None:
+    if value is not None and not Path(value).expanduser().exists():
+        raise ConfigError(key, value, "no such file or directory")
+
+
+# ---------------------------------------------------------------------------------------------- groups
+@dataclass
+class ModelConfig:
+    """A causal LM: packaged GGUF (offline), a hub id, a local directory, or an architecture with random weights."""
+
+    name: str = "smollm2"
+    hub_id: Optional[str] = None  # used when online and no `path`/`gguf_package` is given
+    path: Optional[str] = None  # local HF directory (or .gguf file) that overrides hub_id
+    gguf_package: Optional[str] = None  # pip package shipping a .gguf (offline default models)
+    gguf_file: Optional[str] = None
+    weights: str = "pretrained"  # pretrained | random (architecture only: timing runs)
+    architecture: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs incl. model_type
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    max_context: int = 8192
+
+    def __post_init__(self):
+        check_choice("model.weights", self.weights, ("pretrained", "random"))
+        check_choice("model.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        check_positive("model.max_context", self.max_context)
+        check_path("model.path", self.path)
+        if self.weights == "random" and not self.architecture:
+            raise ConfigError("model.weights", self.weights, f"model {self.name} has no `architecture` to build from")
+        if self.weights == "pretrained" and not (self.hub_id or self.path or self.gguf_package):
+            raise ConfigError("model.weights", self.weights, f"model {self.name} has no weights: set model.path")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "hack"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the sweep (or run) directory name
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        check_choice("logging.wandb.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class LoggingConfig:
+    name: str = "default"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True  # progress bars on stderr
+
+
+@dataclass
+class ClusterConfig:
+    """Disaggregated deployment: where prefill and decode run and the link between them."""
+
+    name: str = "local"
+    prefill_gpu: str = "local"  # a key of conf/gpu catalog, or `local` for whatever runs this process
+    decode_gpu: str = "local"
+    bandwidth_gbps: float = 10.0  # prefill -> decode link, gigabits per second
+    decode_kv_budget_gb: float = 1.0  # KV memory the decode instance may hold
+    prefill_device: str = "auto"  # auto | cpu | cuda:N
+    decode_device: str = "auto"
+
+    def __post_init__(self):
+        check_positive("cluster.bandwidth_gbps", self.bandwidth_gbps)
+        check_positive("cluster.decode_kv_budget_gb", self.decode_kv_budget_gb)
+
+
+@dataclass
+class TraceConfig:
+    """Request arrivals and lengths for serving runs."""
+
+    name: str = "small"
+    arrival: str = "poisson"  # poisson | gamma | file
+    rate: float = 1.0  # requests per second
+    cv: float = 1.0  # coefficient of variation of inter-arrival times (gamma)
+    num_requests: int = 6
+    warmup: int = 0  # first requests excluded from statistics
+    prompt_len: list[int] = field(default_factory=lambda: [64, 128])  # [lo, hi] inclusive
+    output_len: list[int] = field(default_factory=lambda: [8, 16])
+    path: Optional[str] = None  # JSONL trace (arrival, prompt_len, output_len) replayed as is
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("trace.arrival", self.arrival, ("poisson", "gamma", "file"))
+        check_positive("trace.rate", self.rate)
+        check_positive("trace.cv", self.cv)
+        check_positive("trace.num_requests", self.num_requests)
+        check_path("trace.path", self.path)
+        if self.arrival == "file" and self.path is None:
+            raise ConfigError("trace.path", None, "trace.arrival=file needs a JSONL trace path")
+        for key, lo_hi in (("trace.prompt_len", self.prompt_len), ("trace.output_len", self.output_len)):
+            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+                raise ConfigError(key, list(lo_hi), "expected [lo, hi] with 0 < lo <= hi")
+        if not 0 <= self.warmup < self.num_requests:
+            raise ConfigError("trace.warmup", self.warmup, "expected 0 <= warmup < trace.num_requests")
+
+
+@dataclass
+class DatasetConfig:
+    """Where evaluation text comes from. Task-specific fields live in `options`."""
+
+    name: str = "essays"
+    path: Optional[str] = None  # local file/dir; required offline for hub datasets
+    hub_id: Optional[str] = None
+    metric: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        check_path("dataset.path", self.path)
+
+
+# Group name -> schema. Quant schemas come from the method registry (`hack_cli.methods`).
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "logging": LoggingConfig,
+    "cluster": ClusterConfig,
+    "trace": TraceConfig,
+    "dataset": DatasetConfig,
+}
+
+# Command section name -> schema; each command module registers its own section (e.g. `ppl`).
+SECTION_SCHEMAS: dict[str, type] = {}
+
+
+def register_section(name: str):
+    def deco(cls):
+        SECTION_SCHEMAS[name] = cls
+        return cls
+
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def to_typed(key: str, schema: type, node: Any):
+    """Merge `node` onto `schema`'s defaults and instantiate it (runs `__post_init__`)."""
+    if not isinstance(node, DictConfig):
+        raise ConfigError(key, node, f"expected a mapping for `{key}`")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise _one_line(key, schema, e) from None
+
+
+def _one_line(prefix: str, schema: type, e: OmegaConfBaseException) -> ConfigError:
+    full_key = f"{prefix}.{e.full_key}" if getattr(e, "full_key", None) else prefix
+    names = [f.name for f in dataclasses.fields(schema)]
+    msg = str(e).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not in" in msg:
+        return ConfigError(full_key, "<unknown key>", "known keys are " + ", ".join(names))
+    cause = getattr(e, "__cause__", None) or e
+    if isinstance(cause, ConfigError):
+        return cause
+    value = getattr(e, "value", None)
+    return ConfigError(full_key, value, msg)
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check the whole composed config; returns the typed objects keyed by group/section name."""
+    from hack_cli.methods import quant_schema  # registry of method configs
+
+    typed: dict[str, Any] = {}
+    for key, node in cfg.items():
+        key = str(key)
+        if key in GROUP_SCHEMAS:
+            typed[key] = to_typed(key, GROUP_SCHEMAS[key], node)
+        elif key == "quant":
+            typed[key] = to_typed(key, quant_schema(node.get("name")), node)
+        elif key in SECTION_SCHEMAS:
+            typed[key] = to_typed(key, SECTION_SCHEMAS[key], node)
+    return typed
+
+
+def require(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    if value is None:
+        raise HackError(f"config key `{key}` is required for this command")
+    return value
