@@ -1,0 +1,1 @@
+"""Evaluation commands: perplexity (`hack eval ppl`) and task accuracy (`hack eval accuracy`)."""

@@ -1,0 +1,1 @@
+"""`hack report`: the Markdown report and figures built from results/."""

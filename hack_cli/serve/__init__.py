@@ -1,0 +1,1 @@
+"""Disaggregated prefill->decode serving for `hack bench jct`."""

@@ -1,0 +1,1 @@
+"""Trace-driven simulation of disaggregated serving (`hack bench jct mode=sim`)."""
