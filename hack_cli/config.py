@@ -152,16 +152,24 @@ GROUP_SCHEMAS: dict[str, type] = {
     "dataset": DatasetConfig,
 }
 
-# Command section name -> schema; each command module registers its own section (e.g. `ppl`).
-SECTION_SCHEMAS: dict[str, type] = {}
+# Command section name -> "module:Class" of its schema, imported only when a config has that section, so a
+# command's heavy imports stay out of the others. Each command module keeps its own imports lazy.
+SECTION_SCHEMAS: dict[str, str] = {
+    "ppl": "hack_cli.eval.ppl:PplConfig",
+    "accuracy": "hack_cli.eval.accuracy:AccuracyConfig",
+    "jct": "hack_cli.serve.bench:JctConfig",
+    "kernels": "hack_kernels.bench:KernelBenchConfig",
+    "profile": "hack_cli.sim.profile:ProfileConfig",
+    "calibrate": "hack_cli.calibrate:CalibrateConfig",
+    "report": "hack_cli.report.build:ReportConfig",
+}
 
 
-def register_section(name: str):
-    def deco(cls):
-        SECTION_SCHEMAS[name] = cls
-        return cls
+def section_schema(name: str) -> type:
+    import importlib
 
-    return deco
+    module, cls = SECTION_SCHEMAS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -203,7 +211,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         elif key == "quant":
             typed[key] = to_typed(key, quant_schema(node.get("name")), node)
         elif key in SECTION_SCHEMAS:
-            typed[key] = to_typed(key, SECTION_SCHEMAS[key], node)
+            typed[key] = to_typed(key, section_schema(key), node)
     return typed
 
 
