@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from hack_cli.hf.attention import NAME, check_supported, register, text_config
+from hack_cli.hf.attention import NAME, check_supported, register, text_config  # noqa: F401 (re-exported)
 from hack_cli.hf.cache import MethodCache
 from hack_cli.hf.models import load_model
 
@@ -58,4 +58,4 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
-__all__ = ["load_model", "make_method", "prepare_model", "make_cache", "cache_keyword", "generate"]
+__all__ = ["load_model", "make_method", "prepare_model", "make_cache", "cache_keyword", "generate", "text_config"]

@@ -100,7 +100,8 @@ class LayerKV:
         raise NotImplementedError
 
     def attend(self, q: torch.Tensor, scaling: float, window: Optional[int] = None) -> torch.Tensor:
-        """q: (B, Hq, Tq, D) for the tokens of the last append -> (B, Hq, Tq, D). Causal; padding queries get 0."""
+        """q: (B, Hq, Tq, D) for the last Tq tokens of the last append -> (B, Hq, Tq, D). Causal; padding queries
+        get 0."""
         raise NotImplementedError
 
     def stored_bytes(self) -> Bytes:

@@ -120,6 +120,8 @@ class HackLayerKV(LayerKV):
     # ------------------------------------------------------------------------------------------ append
     def _append_seq(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         S, P = self.cfg.sink_tokens, self.part
+        # Quantize from 16-bit values on every path (at once or via the open block), as a serving model makes them.
+        k, v = k.to(self.tail_dtype).float(), v.to(self.tail_dtype).float()
         take = min(S - int(self.sink_fill[b]), k.shape[1])
         if take:
             s0 = int(self.sink_fill[b])
@@ -150,6 +152,7 @@ class HackLayerKV(LayerKV):
                     for x in "kv":
                         if self.open16[x]:
                             self._quantize_into(b, x, nc * P, self.open[x][b].float())
+                            self.open[x][b] = 0  # empty slots hold zeros
                 self.n_closed[b] += 1
                 self.fill[b] = 0
 
@@ -188,7 +191,7 @@ class HackLayerKV(LayerKV):
         G = Hq // H
         dev = self.device
         qr = (q.float() * scaling).reshape(B, H, G * Tq, D)  # (B, H, R, D): GQA rows of one KV head
-        q_pos = self.q_pos.repeat(1, G).to(dev)  # (B, R) matching qr's (G, Tq) row order
+        q_pos = self.q_pos[:, -Tq:].repeat(1, G).to(dev)  # (B, R) matching qr's (G, Tq) row order
         req = self.cfg.requant_elimination
         nc, fill, sink_fill = self.n_closed.to(dev), self.fill.to(dev), self.sink_fill.to(dev)
         nb = int((self.n_closed + (0 if req else (self.fill > 0).long())).max())  # quantized blocks in use
