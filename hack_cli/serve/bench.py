@@ -1,0 +1,80 @@
+"""`hack bench jct`: job completion times of disaggregated prefill->decode serving of a request trace.
+
+jct.mode=real runs the real system (`hack_cli.serve.workers`: a prefill and a decode process, a rate-limited
+link); jct.mode=sim replays the same trace in the simulator (`hack_cli.sim`). Both write per_request.csv (one row
+per finished request, flushed as it finishes) and summary.json (`hack_cli.serve.metrics.summarize`) in the run
+directory, and return the summary as the run's metrics.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from hack_cli.config import check_choice, check_positive
+from hack_cli.errors import ConfigError, HackError
+
+SIM_RUN = "hack_cli.sim.bench:run"  # the simulator's run function, same job contract
+
+
+@dataclass
+class JctConfig:
+    mode: str = "real"  # real | sim
+    backend: str = "auto"  # auto (nccl between two GPUs, else gloo) | gloo | nccl
+    chunk_mb: float = 1.0  # link chunk size (MiB): pacing granularity
+    stall_timeout_s: float = 60.0  # a link silent this long (heartbeats included) ends the run
+    timeout_s: Optional[float] = None  # whole run, startup included (none: only stalls and deaths end it)
+    max_requests: int = 0  # >0: serve only the first N requests of the trace (scaled-down runs)
+    fault: str = "none"  # fault injection for tests: none | kill_prefill | stall_link
+    fault_at: int = 1  # the request at which the fault happens
+
+    def __post_init__(self):
+        check_choice("jct.mode", self.mode, ("real", "sim"))
+        check_choice("jct.backend", self.backend, ("auto", "gloo", "nccl"))
+        check_choice("jct.fault", self.fault, ("none", "kill_prefill", "stall_link"))
+        check_positive("jct.chunk_mb", self.chunk_mb)
+        check_positive("jct.stall_timeout_s", self.stall_timeout_s)
+        if self.max_requests < 0:
+            raise ConfigError("jct.max_requests", self.max_requests, "expected >= 0 (0: the whole trace)")
+
+
+def run(job) -> dict:
+    jct = job.typed.get("jct", JctConfig())
+    if jct.mode == "sim":
+        module, fn = SIM_RUN.split(":")
+        try:
+            return getattr(importlib.import_module(module), fn)(job)
+        except (ImportError, AttributeError):
+            raise HackError(f"jct.mode=sim needs the simulator ({SIM_RUN}), which is not installed") from None
+    from hack_cli.serve.workers import ServeSpec
+
+    t = job.typed
+    spec = ServeSpec(model=t["model"], quant=t["quant"], cluster=t["cluster"], trace=t["trace"], jct=jct,
+                     run_dir=str(job.run_dir), seed=t["run"].seed)
+    summary = serve(spec)
+    job.table("per_request_table", _rows(Path(job.run_dir)))
+    return summary
+
+
+def serve(spec) -> dict:
+    """Run the real system for `spec`; writes per_request.csv and summary.json in spec.run_dir."""
+    from hack_cli.serve.metrics import read_per_request_csv, summarize, write_summary
+    from hack_cli.serve.workers import launch
+
+    if spec.jct.mode != "real":
+        raise HackError("serve() runs jct.mode=real only")
+    launch(spec, timeout_s=spec.jct.timeout_s)
+    records = read_per_request_csv(Path(spec.run_dir) / "per_request.csv")
+    summary = summarize(records, spec.trace.warmup, simulated=False)
+    summary.update(method=spec.quant.name, model=spec.model.name, bandwidth_gbps=spec.cluster.bandwidth_gbps,
+                   rate=spec.trace.rate, trace=spec.trace.name, decode_kv_budget_gb=spec.cluster.decode_kv_budget_gb)
+    write_summary(Path(spec.run_dir) / "summary.json", summary)
+    return summary
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "per_request.csv", newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,196 @@
+"""The decode instance: iteration-level (continuous) batching over each request's own method stores.
+
+Semantics (the simulator, `hack_cli.sim`, mirrors them):
+  * Received payloads wait FCFS. The head is admitted when its KV at full length fits the budget:
+    reserve = payload_bytes * (prompt_len + output_len) / prompt_len (the method's bytes per token as sent, for
+    the prompt and every output token), and sum(reserve of admitted) <= cluster.decode_kv_budget_gb. Admission
+    stops at the first request that does not fit (no overtaking). A request larger than the whole budget is an
+    error.
+  * Admission installs the payload: `import_seq` into one fresh `LayerKV` per layer (HACK keeps the quantized
+    pages as they are; other methods do what their design does: entropy-decode, dequantize, ...).
+  * Every iteration, every admitted request produces one token. The model's linear layers run once over the
+    whole batch (B, 1); attention runs per request over its own store (`RaggedStores`: one `attend` per request;
+    the kernels' ragged-batch attention can replace that loop without changing anything else).
+  * A request that has produced its last token leaves the batch and frees its reservation at once.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from hack_cli.errors import HackError
+from hack_cli.serve.link import (H_ARRIVAL, H_COMPRESS_END, H_FIRST_TOKEN, H_OUTPUT, H_PREFILL_END,
+                                 H_PREFILL_START, H_PROMPT, H_RID, H_SEND_START, HEADER_LEN, H_MANIFEST_BYTES,
+                                 H_PAYLOAD_BYTES, LinkError, unpack_payload)
+from hack_cli.serve.metrics import RequestRecord
+from hack_cli.serve.prefill import sync
+
+
+class RaggedStores:
+    """The stores of one layer for the requests of a batch, attended one by one."""
+
+    def __init__(self, stores):
+        self.stores = stores
+
+    def attend(self, q: torch.Tensor, scaling: float, window=None) -> torch.Tensor:
+        """q: (B, Hq, 1, D) -> (B, Hq, 1, D)."""
+        return torch.cat([s.attend(q[i:i + 1], scaling, window) for i, s in enumerate(self.stores)], 0)
+
+
+class BatchLayer(DynamicLayer):
+    def __init__(self, stores):
+        super().__init__()
+        self.stores, self.is_initialized = stores, True
+        self.seen = max(int(s.lengths[0]) for s in stores)  # masks are built but unused: attention is per store
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key_states, value_states: (B, H, 1, D), one new token per request."""
+        for i, s in enumerate(self.stores):
+            s.append(key_states[i:i + 1], value_states[i:i + 1])
+        return RaggedStores(self.stores), (key_states, value_states, False)
+
+    def get_seq_length(self, *args) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query, *args) -> tuple[int, int]:
+        q = query.shape[0] if isinstance(query, torch.Tensor) else query  # 5.17: cache_position; 5.2x: length
+        return self.seen + q, 0
+
+
+class BatchCache(Cache):
+    """A transformers Cache over a batch of requests whose KV lives in separate per-request stores."""
+
+    def __init__(self, per_layer: list[list]):
+        super().__init__(layers=[BatchLayer(stores) for stores in per_layer])
+
+
+@dataclass
+class Active:
+    record: RequestRecord
+    stores: list  # one LayerKV (batch 1) per layer
+    token: int  # the next input token
+    pos: int  # its position
+    left: int  # decode iterations still to run
+
+
+class DecodeEngine:
+    def __init__(self, model, method, device: torch.device, budget_bytes: float, writer, t0: float):
+        from hack_cli.hf.attention import text_config
+
+        cfg = text_config(model)
+        self.model, self.method, self.device, self.writer, self.t0 = model, method, device, writer, t0
+        self.layers, self.kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.dtype = next(model.parameters()).dtype
+        self.budget = budget_bytes
+        self.used = 0
+        self.waiting: deque = deque()  # (record, manifest, payload, first token)
+        self.active: list[Active] = []
+        self.done = 0
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def receive(self, msg) -> None:
+        header, manifest, payload, recv_end = msg
+        h = [float(x) for x in header[:HEADER_LEN]]
+        rec = RequestRecord(rid=int(h[H_RID]), prompt_len=int(h[H_PROMPT]), output_len=int(h[H_OUTPUT]),
+                            warmup=False, arrival=h[H_ARRIVAL] - self.t0,
+                            prefill_start=h[H_PREFILL_START] - self.t0, prefill_end=h[H_PREFILL_END] - self.t0,
+                            compress_end=h[H_COMPRESS_END] - self.t0, send_start=h[H_SEND_START] - self.t0,
+                            recv_end=recv_end - self.t0, payload_bytes=int(h[H_PAYLOAD_BYTES]),
+                            bytes_sent=int(h[H_PAYLOAD_BYTES] + h[H_MANIFEST_BYTES]) + 2 * HEADER_LEN * 8)
+        rec.kv_reserved_bytes = math.ceil(rec.payload_bytes * (rec.prompt_len + rec.output_len) / rec.prompt_len)
+        self.waiting.append((rec, manifest, payload, int(h[H_FIRST_TOKEN])))
+
+    def admit(self) -> None:
+        while self.waiting and self.used + self.waiting[0][0].kv_reserved_bytes <= self.budget:
+            rec, manifest, payload, first = self.waiting.popleft()
+            rec.admit = self.now()
+            self.used += rec.kv_reserved_bytes
+            stores = self.install(manifest, payload)
+            sync(self.device)
+            rec.install_end = self.now()
+            act = Active(rec, stores, first, rec.prompt_len, rec.output_len - 1)
+            if act.left == 0:
+                self.finish(act, rec.install_end)
+            else:
+                self.active.append(act)
+        if self.waiting and not self.active:
+            rec = self.waiting[0][0]
+            raise HackError(f"request {rec.rid} needs {rec.kv_reserved_bytes / 1e9:.3f} GB of decode KV, more than "
+                            f"the whole cluster.decode_kv_budget_gb={self.budget / 1e9:g}")
+
+    def install(self, manifest, payload: torch.Tensor) -> list:
+        state = unpack_payload(payload.to(self.device), manifest, self.layers)
+        stores = []
+        for layer in range(self.layers):
+            store = self.method.new_layer(layer, self.layers, 1, self.kv_heads, self.head_dim, self.device,
+                                          self.dtype)
+            store.import_seq(0, state[layer])
+            stores.append(store)
+        return stores
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One iteration: every active request produces one token."""
+        from hack_cli.hf import cache_keyword
+
+        batch = self.active
+        ids = torch.tensor([[a.token] for a in batch], device=self.device)  # (B, 1)
+        pos = torch.tensor([[a.pos] for a in batch], device=self.device)  # (B, 1)
+        cache = BatchCache([[a.stores[layer] for a in batch] for layer in range(self.layers)])
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{cache_keyword(self.model): cache})
+        tokens = out.logits[:, -1].argmax(-1).tolist()  # synchronizes
+        end = self.now()
+        still = []
+        for a, tok in zip(batch, tokens):
+            a.token, a.pos, a.left = tok, a.pos + 1, a.left - 1
+            if a.left == 0:
+                self.finish(a, end)
+            else:
+                still.append(a)
+        self.active = still
+
+    def finish(self, a: Active, end: float) -> None:
+        a.record.finish = end
+        a.record.kv_stored_bytes = sum(s.stored_bytes().total for s in a.stores)
+        self.used -= a.record.kv_reserved_bytes
+        self.writer.write(a.record)
+        self.done += 1
+
+
+def serve_decode(engine: DecodeEngine, receiver, num_requests: int, warmup: int, idle_timeout: float) -> None:
+    """Run the decode instance until all `num_requests` requests have finished."""
+    ended = False
+    while engine.done < num_requests:
+        block = not engine.active and not ended
+        msgs = []
+        try:
+            if block:
+                msgs.append(receiver.queue.get(timeout=idle_timeout))
+            while True:
+                msgs.append(receiver.queue.get_nowait())
+        except queue.Empty:
+            if block and not msgs:
+                raise LinkError(f"no message from the prefill worker for {idle_timeout:.0f} s") from None
+        for msg in msgs:
+            if isinstance(msg, BaseException):
+                raise msg
+            if msg is None:
+                ended = True
+                continue
+            engine.receive(msg)
+            engine.waiting[-1][0].warmup = engine.waiting[-1][0].rid < warmup
+        engine.admit()
+        if engine.active:
+            engine.step()
+        elif ended and not engine.waiting and engine.done < num_requests:
+            raise LinkError(f"the prefill worker closed the link after {engine.done} of {num_requests} requests")
