@@ -1,0 +1,132 @@
+"""`hack eval accuracy`: task accuracy of a model whose KV goes through a method, on lm-eval tasks.
+
+One job evaluates `quant` and, unless `accuracy.baseline` is null, the baseline method (fp16) on the same documents,
+so a single run already gives the paired difference. Every answer is a row of `samples.jsonl`, written as it is
+produced (key = method/task/doc id), so `resume=true` continues a killed run where it stopped. A job of a multirun
+also refreshes the sweep's `accuracy_table.md` from all its jobs' rows (`hack_cli.eval.table`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+from hack_cli.config import check_choice, check_positive
+
+
+@dataclass
+class AccuracyConfig:
+    """The `accuracy:` section of conf/eval_accuracy.yaml."""
+
+    baseline: Optional[str] = "fp16"  # method evaluated beside `quant` in the same job (null: only `quant`)
+    limit: Optional[int] = None  # documents per task (null: all)
+    batch_size: int = 4  # prompts generated together (left padded)
+    max_length: Optional[int] = None  # window in tokens, prompt + answer (null: model.max_context); longer prompts
+    #                                   are cut in the middle
+    chat_template: str = "auto"  # auto: for instruction tasks when the tokenizer has one | always | never
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        check_positive("accuracy.batch_size", self.batch_size)
+        if self.limit is not None:
+            check_positive("accuracy.limit", self.limit)
+        if self.max_length is not None:
+            check_positive("accuracy.max_length", self.max_length)
+        check_choice("accuracy.chat_template", self.chat_template, ("auto", "always", "never"))
+
+
+def method_label(quant) -> str:
+    """Short name of a method config for tables: name, layout, bits and partition where set (hack-channel-b2-p64)."""
+    parts = [quant.name]
+    if getattr(quant, "layout", None):
+        parts.append(quant.layout)
+    if quant.bits is not None and quant.name != "fp16":
+        parts.append(f"b{quant.bits}")
+    if quant.partition is not None and quant.name != "fp16":
+        parts.append(f"p{quant.partition}")
+    return "-".join(parts)
+
+
+def uses_chat(task, tokenizer, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "always"
+    instruction = (task.config.metadata or {}).get("chat", True)
+    return bool(instruction and getattr(tokenizer, "chat_template", None))
+
+
+def requests(task, lm, mode: str, limit: Optional[int]) -> list:
+    """The task's lm-eval `Instance`s (one generate_until request per document), prompts fully formatted."""
+    from hack_cli.eval.tasks import task_limit
+
+    chat = uses_chat(task, lm.tokenizer, mode)
+    task.build_all_requests(limit=task_limit(task, limit), apply_chat_template=chat, chat_template=lm.apply_chat_template if chat else None)
+    return task.instances
+
+
+def evaluate(lm, methods: list[tuple[str, object, dict]], tasks: dict[str, list], samples, model_name: str, job,
+             batch_size: int) -> None:
+    """Generate every (method, task, document) not yet in `samples`, one batch at a time, writing each row."""
+    todo = []  # (label, quant dict, method, task name, task, batch of instances)
+    for label, method, quant in methods:
+        for name, (task, instances) in tasks.items():
+            left = [i for i in instances if f"{label}/{name}/{i.doc_id}" not in samples.done]
+            left.sort(key=lambda i: -len(i.args[0]))  # similar lengths together: less padding
+            todo += [(label, quant, method, name, task, left[k:k + batch_size]) for k in range(0, len(left), batch_size)]
+    total = sum(len(batch) for *_, batch in todo)
+    if not todo:
+        return
+    for label, quant, method, name, task, batch in job.progress(todo, total=len(todo), desc=f"{total} answers"):
+        lm.method = method
+        predictions = lm.generate_until(batch, disable_tqdm=True)
+        for inst, prediction in zip(batch, predictions):
+            result = task.process_results(inst.doc, [prediction])
+            samples.write({"key": f"{label}/{name}/{inst.doc_id}", "model": model_name, "method": label, "task": name,
+                           "doc_id": inst.doc_id, "quant": quant, "prediction": prediction,
+                           "reference": str(task.doc_to_target(inst.doc)), "score": float(next(iter(result.values())))})
+
+
+def run(job) -> dict:
+    import torch
+
+    from hack_cli.eval import table
+    from hack_cli.eval.lm import KVMethodLM, byte_tokenizer
+    from hack_cli.eval.tasks import build
+    from hack_cli.hf import load_model, make_method
+    from hack_cli.methods import build_method
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter about metadata and caching
+    cfg: AccuracyConfig = job.typed["accuracy"]
+    model_cfg, quant = job.typed["model"], job.typed["quant"]
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(model_cfg, device)
+    tokenizer = tokenizer or byte_tokenizer()  # random-weight architectures come without one
+
+    methods = [(method_label(quant), build_method(quant), dataclasses.asdict(quant))]
+    if cfg.baseline and cfg.baseline != quant.name:
+        base = make_method(cfg.baseline)
+        methods.insert(0, (method_label(base.config), base, dataclasses.asdict(base.config)))
+
+    lm = KVMethodLM(model, tokenizer, methods[0][1], max_length=cfg.max_length or model_cfg.max_context,
+                    batch_size=cfg.batch_size)
+    built = build(job.typed["dataset"], tokenizer, cfg.limit, job.typed["run"].seed)
+    tasks = {t.config.task: (t, requests(t, lm, cfg.chat_template, cfg.limit)) for t in built}
+    samples = job.rows("samples")
+    evaluate(lm, methods, tasks, samples, model_cfg.name, job, cfg.batch_size)
+
+    baseline = methods[0][0] if cfg.baseline else None
+    summary = table.summarize(samples.rows, baseline or "")
+    job.table("accuracy", summary)
+    text = table.to_markdown(summary, baseline or "")
+    (job.run_dir / "accuracy_table.md").write_text(text)
+    print(text)
+    if job.run_dir.name.isdigit():  # a job of a multirun: the sweep's table covers every job so far
+        table.write_table([job.run_dir.parent], job.run_dir.parent)
+
+    metrics = {}
+    for e in summary:
+        prefix = f"{e['task']}/{e['method']}"
+        metrics.update({f"{prefix}/score": e["score"], f"{prefix}/n": e["n"]})
+        if e["diff"] is not None:
+            metrics.update({f"{prefix}/diff": e["diff"], f"{prefix}/ci95": e["ci95"]})
+    return metrics
