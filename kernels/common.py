@@ -1,0 +1,123 @@
+"""Helpers shared by the Triton kernels: code unpacking in registers and on-the-fly 8-bit quantization.
+
+Codes are packed along the head dim D, 8/b per byte, element j of a byte at bits [j·b, (j+1)·b) (the layout of
+hack_cli.methods.hack.quantizer.pack). On the GPU one `and`/`shr` on a 32-bit register unpacks four codes at once
+(inline PTX, `pack=4`); the interpreter, which has no PTX, does the same per byte.
+
+Dot operand kinds (OPER): 0 = int8: Q̃/P̃ quantized to 8 bits with an offset, exact int32 accumulation (the
+reference's scheme). 1 = fp8 e4m3: codes 0..15 are exact in e4m3 (as masked bytes they are e4m3 subnormals or the
+first binade, code·2^-9, so the unpack needs no conversion), Q̃/P̃ quantized symmetrically to e4m3 (a documented
+deviation: 3 mantissa bits). 2 = fp16: the same e4m3 codes widened to fp16, Q̃/P̃ merely rounded to fp16 (no
+per-block 8-bit quantization at all; a deviation with less error than int8).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_CODE = 2.0**-9  # a code byte v < 16 read as e4m3 is v·2^-9
+FP8_MAX = 448.0
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_dtypes(operand: str):
+    """operand name -> (OPER, DT): the dot dtype on the device; fp16 in the interpreter (no fp8 dot there)."""
+    if operand == "int8":
+        return 0, tl.int8
+    if operand == "fp8":
+        return 1, (tl.float16 if interpreting() else tl.float8e4nv)
+    if operand == "fp16":
+        return 2, tl.float16
+    raise ValueError(f"operand must be int8, fp8 or fp16, got {operand!r}")
+
+
+def tail_dot_dtype(t: torch.Tensor):
+    """16-bit tails (sinks, open block): dot in their own dtype on the GPU (as SDPA does), fp32 in the interpreter."""
+    if interpreting():
+        return tl.float32
+    return tl.bfloat16 if t.dtype == torch.bfloat16 else tl.float16
+
+
+@triton.jit
+def _piece(packed, SHIFT: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Code j of every byte (SHIFT = j·BITS) as DT: int8 -> the code; fp8/fp16 -> code·2^-9 (e4m3 bits = code)."""
+    if ASM and DT == tl.float16:
+        out = _piece(packed, SHIFT, BITS, tl.float8e4nv, ASM).to(tl.float16)
+    elif ASM:
+        if BITS == 2:
+            if SHIFT == 0:
+                out = tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [packed], dtype=DT,
+                                                is_pure=True, pack=4)
+            elif SHIFT == 2:
+                out = tl.inline_asm_elementwise("shr.b32 $0, $1, 2;\n\tand.b32 $0, $0, 0x03030303;", "=r,r",
+                                                [packed], dtype=DT, is_pure=True, pack=4)
+            elif SHIFT == 4:
+                out = tl.inline_asm_elementwise("shr.b32 $0, $1, 4;\n\tand.b32 $0, $0, 0x03030303;", "=r,r",
+                                                [packed], dtype=DT, is_pure=True, pack=4)
+            else:
+                out = tl.inline_asm_elementwise("shr.b32 $0, $1, 6;\n\tand.b32 $0, $0, 0x03030303;", "=r,r",
+                                                [packed], dtype=DT, is_pure=True, pack=4)
+        else:
+            if SHIFT == 0:
+                out = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [packed], dtype=DT,
+                                                is_pure=True, pack=4)
+            else:
+                out = tl.inline_asm_elementwise("shr.b32 $0, $1, 4;\n\tand.b32 $0, $0, 0x0F0F0F0F;", "=r,r",
+                                                [packed], dtype=DT, is_pure=True, pack=4)
+    else:
+        code = (packed >> SHIFT) & ((1 << BITS) - 1)
+        if DT == tl.int8:
+            out = code.to(tl.int8)
+        else:
+            out = (code.to(tl.float32) * 0.001953125).to(DT)
+    return out
+
+
+@triton.jit
+def unpack_codes(packed, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """packed (N, DB) uint8 -> (N, DB·8/BITS) codes as DT, in channel order d = byte·8/BITS + j."""
+    N: tl.constexpr = packed.shape[0]
+    DB: tl.constexpr = packed.shape[1]
+    if BITS == 2:
+        c0 = _piece(packed, 0, BITS, DT, ASM)
+        c1 = _piece(packed, 2, BITS, DT, ASM)
+        c2 = _piece(packed, 4, BITS, DT, ASM)
+        c3 = _piece(packed, 6, BITS, DT, ASM)
+        c = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # (N, DB, 2, 2): [.., x, y] = code 2x + y
+        out = tl.reshape(c, (N, DB * 4))
+    else:
+        c = tl.join(_piece(packed, 0, BITS, DT, ASM), _piece(packed, 4, BITS, DT, ASM))  # (N, DB, 2)
+        out = tl.reshape(c, (N, DB * 2))
+    return out
+
+
+@triton.jit
+def quant8_rows(x, OPER: tl.constexpr, DT: tl.constexpr):
+    """On-the-fly 8-bit quantization of x (A, B, N) along its last axis (the reference's `quantize_int8`).
+
+    int8: codes = round((x - lo)/scale) - 128, returns (codes, scale, mn = lo + 128·scale) with x ≈ mn + scale·code.
+    fp8: symmetric e4m3, scale = amax/448: returns (codes, scale, 0). fp16: x rounded to fp16, scale 1, min 0.
+    Codes come back as fp32 values (exact in the dot dtype; the caller casts); scales and mins are (A, B).
+    """
+    if OPER == 0:
+        lo = tl.min(x, axis=2)
+        hi = tl.max(x, axis=2)
+        scale = (hi - lo) / 255.0
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        t = (x - lo[:, :, None]) * (1.0 / scale)[:, :, None] + 0.5
+        codes = tl.minimum(tl.maximum(tl.floor(t), 0.0), 255.0) - 128.0
+        return codes, scale, lo + 128.0 * scale
+    elif OPER == 2:
+        ones = tl.full([x.shape[0], x.shape[1]], 1.0, tl.float32)
+        return x.to(tl.float16).to(tl.float32), ones, ones * 0.0
+    else:
+        scale = tl.max(tl.abs(x), axis=2) / 448.0
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        codes = (x * (1.0 / scale)[:, :, None]).to(tl.float8e4nv).to(tl.float32)
+        return codes, scale, scale * 0.0

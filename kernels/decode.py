@@ -1,0 +1,353 @@
+"""Homomorphic decode attention (HACK.md §3–4) over HACK's stored layout, split-KV (flash-decoding) + combine.
+
+One program = one (sequence, KV head) and one split of its closed blocks; split NSPLIT (the last) handles the
+16-bit segment: sinks and the open block. Each program keeps an online softmax (base 2) over its blocks and writes
+a partial (max, sum, unnormalized output); `_combine` merges the splits. The query heads of one KV head are the rows
+of one tile (GQA). Per block, nothing is dequantized:
+
+  channel layout: q̃ = q·s^K_β quantized to 8 bits per (row, channel group); scores = Σ_g s^q (q̃'·k') + m^q·KSUM
+                  + q·m^K. P̃ = P·s^V_t quantized per (row, group) over the block; out = s^P (P̃'·v') + m^P·VSUM
+                  + Σ_t P_t m^V_t.
+  token layout:   q quantized once per (row, group); K per token, V per channel over the block (§4, arXiv v1).
+
+Channel groups ride in the dot's M axis: row (g, r) holds group g's codes of row r and zeros elsewhere, so one dot
+over the whole head dim gives every group's partial product (the rows are padding to the tensor core's 16 anyway).
+The probabilities used are the unnormalized exp2(s - m) of the online softmax: 8-bit quantization is invariant to
+a positive row scale (up to rounding), so the result is the reference's. Shapes: R query rows per KV head
+(padded to RP), D head dim, PI = Π tokens a block, G channel groups of C = D/G, DB = D·b/8 packed bytes a token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from hack_kernels.common import dot_dtypes, interpreting, quant8_rows, tail_dot_dtype, unpack_codes
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online(s, m_i, l_i, acc):
+    """One online-softmax step over base-2 logits s (RP, N): returns new max, sum, rescaled acc, and p."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None], p
+
+
+@triton.jit
+def _group_rows(x8, G: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DT: tl.constexpr):
+    """x8 (RP, G, C) code values -> (G·RP, D) DT: row (g, r) holds group g's codes of row r, zeros elsewhere."""
+    gg = tl.arange(0, G)
+    own = gg[:, None, None, None] == gg[None, None, :, None]  # (G, 1, G, 1)
+    return tl.reshape(tl.where(own, x8[None, :, :, :], 0.0), (G * RP, D)).to(DT)
+
+
+@triton.jit
+def _scores_channel(q, bb, KC, KMN, KSC, KSUM, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr,
+                    G: tl.constexpr, BITS: tl.constexpr, OPER: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Scores (RP, PI) of q (RP, D) against closed block bb, K per channel over the block."""
+    C: tl.constexpr = D // G
+    Z: tl.constexpr = 1 << (BITS - 1)
+    DB: tl.constexpr = D * BITS // 8
+    dd = tl.arange(0, D)
+    tt = tl.arange(0, PI)
+    gg = tl.arange(0, G)
+    ee = tl.arange(0, DB)
+    kp = tl.load(KC + (bb * PI + tt[:, None]) * DB + ee[None, :])  # (PI, DB) packed codes
+    ks = tl.load(KSC + bb * D + dd).to(tl.float32)  # (D,)
+    km = tl.load(KMN + bb * D + dd).to(tl.float32)
+    q8, qsc, qmn = quant8_rows(tl.reshape(q * ks[None, :], (RP, G, C)), OPER, DT)  # q̃: (RP, G, C), (RP, G) x2
+    q8sum = tl.trans(tl.sum(q8, axis=2))[:, :, None]  # (G, RP, 1)
+    k = unpack_codes(kp, BITS, DT, ASM)  # (PI, D)
+    dot = tl.reshape(tl.dot(_group_rows(q8, G, RP, D, DT), tl.trans(k)).to(tl.float32), (G, RP, PI))
+    if OPER == 0:  # Σ q'k'' = Σ q'k' - z Σ q' (exact integers)
+        ksum = tl.load(KSUM + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32) - C * Z  # Σ k'': (G, PI)
+        s = tl.sum(tl.trans(qsc)[:, :, None] * (dot - Z * q8sum) + tl.trans(qmn)[:, :, None] * ksum[:, None, :], 0)
+    else:  # codes were read as code·2^-9
+        s = tl.sum(tl.trans(qsc)[:, :, None] * (dot * 512.0 - Z * q8sum), axis=0)
+    return s + tl.sum(q * (km + ks * Z)[None, :], axis=1)[:, None]  # + q·(m^K + s^K z)
+
+
+@triton.jit
+def _values_channel(p, bb, VC, VMN, VSC, VSUM, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr,
+                    G: tl.constexpr, BITS: tl.constexpr, OPER: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Σ_t p_t V̂_t (RP, D) over closed block bb, V per token in channel groups."""
+    C: tl.constexpr = D // G
+    Z: tl.constexpr = 1 << (BITS - 1)
+    DB: tl.constexpr = D * BITS // 8
+    dd = tl.arange(0, D)
+    tt = tl.arange(0, PI)
+    gg = tl.arange(0, G)
+    ee = tl.arange(0, DB)
+    vp = tl.load(VC + (bb * PI + tt[:, None]) * DB + ee[None, :])  # (PI, DB)
+    vsc = tl.load(VSC + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)  # (G, PI)
+    vmn = tl.load(VMN + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)
+    p8, psc, pmn = quant8_rows(p[None, :, :] * vsc[:, None, :], OPER, DT)  # P̃: (G, RP, PI), (G, RP) x2
+    p8sum = tl.sum(p8, axis=2)[:, :, None]  # (G, RP, 1)
+    v = unpack_codes(vp, BITS, DT, ASM)  # (PI, D)
+    o = tl.reshape(tl.dot(tl.reshape(p8, (G * RP, PI)).to(DT), v).to(tl.float32), (G, RP, D))
+    if OPER == 0:
+        vsum = tl.load(VSUM + bb * D + dd).to(tl.float32) - PI * Z  # Σ_t v'': (D,)
+        o = psc[:, :, None] * (o - Z * p8sum) + pmn[:, :, None] * vsum[None, None, :]
+    else:
+        o = psc[:, :, None] * (o * 512.0 - Z * p8sum)
+    o = o + tl.sum(p[None, :, :] * (vmn + vsc * Z)[:, None, :], axis=2)[:, :, None]  # + Σ_t P_t (m^V + s^V z)
+    own = (dd[None, None, :] // C) == gg[:, None, None]  # (G, 1, D): channel d belongs to group g
+    return tl.sum(tl.where(own, o, 0.0), axis=0)
+
+
+@triton.jit
+def _scores_token(a, qsc, qmn, qsum, qsumx, bb, KC, KMN, KSC, KSUM, RP: tl.constexpr, D: tl.constexpr,
+                  PI: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, OPER: tl.constexpr, DT: tl.constexpr,
+                  ASM: tl.constexpr):
+    """Scores (RP, PI) against block bb with K per token in channel groups; a (G·RP, D) = q's grouped codes;
+    qsc, qmn, qsum (G, RP, 1): its scale, min and code sum per group; qsumx: the exact sum of q (fp8 only)."""
+    C: tl.constexpr = D // G
+    Z: tl.constexpr = 1 << (BITS - 1)
+    DB: tl.constexpr = D * BITS // 8
+    tt = tl.arange(0, PI)
+    gg = tl.arange(0, G)
+    ee = tl.arange(0, DB)
+    kp = tl.load(KC + (bb * PI + tt[:, None]) * DB + ee[None, :])  # (PI, DB)
+    ksc = tl.load(KSC + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :]  # (G, 1, PI)
+    kmn = tl.load(KMN + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :] + ksc * Z  # centered
+    k = unpack_codes(kp, BITS, DT, ASM)  # (PI, D)
+    dot = tl.reshape(tl.dot(a, tl.trans(k)).to(tl.float32), (G, RP, PI))
+    if OPER == 0:
+        ksum = tl.load(KSUM + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :] - C * Z
+        s = qsc * (ksc * (dot - Z * qsum) + kmn * qsum) + qmn * (ksc * ksum + C * kmn)
+    else:
+        s = qsc * ksc * (dot * 512.0 - Z * qsum) + kmn * qsumx
+    return tl.sum(s, axis=0)
+
+
+@triton.jit
+def _values_token(p, bb, VC, VMN, VSC, VSUM, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr,
+                  BITS: tl.constexpr, OPER: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Σ_t p_t V̂_t (RP, D) over closed block bb, V per channel over the block, P quantized per row (RP >= 16)."""
+    Z: tl.constexpr = 1 << (BITS - 1)
+    DB: tl.constexpr = D * BITS // 8
+    dd = tl.arange(0, D)
+    tt = tl.arange(0, PI)
+    ee = tl.arange(0, DB)
+    vp = tl.load(VC + (bb * PI + tt[:, None]) * DB + ee[None, :])  # (PI, DB)
+    vsc = tl.load(VSC + bb * D + dd).to(tl.float32)[None, :]  # (1, D)
+    vmn = tl.load(VMN + bb * D + dd).to(tl.float32)[None, :] + vsc * Z  # centered min
+    p8, psc, pmn = quant8_rows(tl.reshape(p, (1, RP, PI)), OPER, DT)  # (1, RP, PI), (1, RP) x2
+    v = unpack_codes(vp, BITS, DT, ASM)  # (PI, D)
+    o = tl.dot(tl.reshape(p8, (RP, PI)).to(DT), v).to(tl.float32)  # (RP, D)
+    psc = tl.reshape(psc, (RP, 1))
+    psum = tl.reshape(tl.sum(p8, axis=2), (RP, 1))
+    if OPER == 0:
+        vsum = tl.load(VSUM + bb * D + dd).to(tl.float32)[None, :] - PI * Z  # Σ_t v''
+        pmn = tl.reshape(pmn, (RP, 1))
+        return psc * (vsc * (o - Z * psum) + vmn * psum) + pmn * (vsc * vsum + PI * vmn)
+    else:
+        return psc * vsc * (o * 512.0 - Z * psum) + vmn * tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _tail16(q, m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b, nc, KC, KMN, KSC, KSUM, SK, SV, OK, OV, FILL, SFILL, NBMAX,
+            S, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+            SP: tl.constexpr, LAYOUT: tl.constexpr, OPER: tl.constexpr, DT: tl.constexpr, TDT: tl.constexpr,
+            ASM: tl.constexpr):
+    """The 16-bit segment of one (sequence, KV head): sinks, then the open block (its K is per-token codes in
+    block nc in the token layout)."""
+    sf = tl.load(SFILL + b)
+    fill = tl.load(FILL + b)
+    dd = tl.arange(0, D)
+    ss = tl.arange(0, SP)
+    tt = tl.arange(0, PI)
+    sk = tl.load(SK + (pid * S + ss[:, None]) * D + dd[None, :], mask=ss[:, None] < sf, other=0.0)  # (SP, D)
+    sv = tl.load(SV + (pid * S + ss[:, None]) * D + dd[None, :], mask=ss[:, None] < sf, other=0.0)
+    s = tl.dot(q.to(TDT), tl.trans(sk.to(TDT)))  # (RP, SP)
+    m_i, l_i, acc, p = _online(tl.where(ss[None, :] < sf, s, -float("inf")), m_i, l_i, acc)
+    acc += tl.dot(p.to(TDT), sv.to(TDT))
+    if LAYOUT == 0:
+        ko = tl.load(OK + (pid * PI + tt[:, None]) * D + dd[None, :], mask=tt[:, None] < fill, other=0.0)
+        so = tl.dot(q.to(TDT), tl.trans(ko.to(TDT)))  # (RP, PI)
+    else:
+        bb = pid.to(tl.int64) * NBMAX + tl.minimum(nc, NBMAX - 1)  # fill > 0 means block nc exists
+        so = _scores_token(a, qsc, qmn, qsum, qsumx, bb, KC, KMN, KSC, KSUM, RP, D, PI, G, BITS, OPER, DT, ASM)
+    m_i, l_i, acc, po = _online(tl.where(tt[None, :] < fill, so, -float("inf")), m_i, l_i, acc)
+    vo = tl.load(OV + (pid * PI + tt[:, None]) * D + dd[None, :], mask=tt[:, None] < fill, other=0.0)
+    acc += tl.dot(po.to(TDT), vo.to(TDT))
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NCL, FILL, SFILL, PO, PM, PL,
+                   H, NBMAX, S, BPS, NSPLIT,
+                   R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr, G: tl.constexpr,
+                   BITS: tl.constexpr, SP: tl.constexpr, LAYOUT: tl.constexpr, OPER: tl.constexpr,
+                   DT: tl.constexpr, TDT: tl.constexpr, ASM: tl.constexpr):
+    pid = tl.program_id(0)  # b·H + h
+    split = tl.program_id(1)
+    b = pid // H
+    rr = tl.arange(0, RP)
+    dd = tl.arange(0, D)
+    q = tl.load(Q + (pid * R + rr[:, None]) * D + dd[None, :], mask=rr[:, None] < R, other=0.0)  # (RP, D) fp32
+    m_i = tl.full([RP], -float("inf"), tl.float32)
+    l_i = tl.zeros([RP], tl.float32)
+    acc = tl.zeros([RP, D], tl.float32)
+    nc = tl.load(NCL + b)
+    if LAYOUT == 1:  # token layout: q is quantized once, per (row, channel group)
+        C: tl.constexpr = D // G
+        q3 = tl.reshape(q, (RP, G, C))
+        q8, qsc, qmn = quant8_rows(q3, OPER, DT)
+        a = _group_rows(q8, G, RP, D, DT)
+        qsum = tl.trans(tl.sum(q8, axis=2))[:, :, None]  # (G, RP, 1)
+        qsumx = tl.trans(tl.sum(q3, axis=2))[:, :, None]
+        qsc = tl.trans(qsc)[:, :, None]
+        qmn = tl.trans(qmn)[:, :, None]
+    else:  # unused placeholders
+        a = q
+        qsc = q
+        qmn = q
+        qsum = q
+        qsumx = q
+    if split < NSPLIT:
+        lo = split * BPS
+        hi = tl.minimum(lo + BPS, nc)
+        for blk in range(lo, hi):
+            bb = pid.to(tl.int64) * NBMAX + blk
+            if LAYOUT == 0:
+                s = _scores_channel(q, bb, KC, KMN, KSC, KSUM, RP, D, PI, G, BITS, OPER, DT, ASM)
+            else:
+                s = _scores_token(a, qsc, qmn, qsum, qsumx, bb, KC, KMN, KSC, KSUM, RP, D, PI, G, BITS, OPER, DT, ASM)
+            m_i, l_i, acc, p = _online(s, m_i, l_i, acc)
+            if LAYOUT == 0:
+                acc += _values_channel(p, bb, VC, VMN, VSC, VSUM, RP, D, PI, G, BITS, OPER, DT, ASM)
+            else:
+                acc += _values_token(p, bb, VC, VMN, VSC, VSUM, RP, D, PI, BITS, OPER, DT, ASM)
+    else:
+        m_i, l_i, acc = _tail16(q, m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b, nc, KC, KMN, KSC, KSUM, SK, SV, OK, OV,
+                                FILL, SFILL, NBMAX, S, RP, D, PI, G, BITS, SP, LAYOUT, OPER, DT, TDT, ASM)
+    part = pid * (NSPLIT + 1) + split
+    ok = rr < R
+    tl.store(PO + (part * R + rr[:, None]) * D + dd[None, :], acc, mask=ok[:, None])
+    tl.store(PM + part * R + rr, m_i, mask=ok)
+    tl.store(PL + part * R + rr, l_i, mask=ok)
+
+
+@triton.jit
+def _combine_kernel(PO, PM, PL, OUT, NS1, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr):
+    """Merge the NS1 partials of one (sequence, KV head) into OUT rows (pid·R + r)."""
+    pid = tl.program_id(0)
+    rr = tl.arange(0, RP)
+    dd = tl.arange(0, D)
+    ok = rr < R
+    m = tl.full([RP], -float("inf"), tl.float32)
+    l = tl.zeros([RP], tl.float32)
+    acc = tl.zeros([RP, D], tl.float32)
+    for sp in range(NS1):
+        part = pid * NS1 + sp
+        ms = tl.load(PM + part * R + rr, mask=ok, other=-float("inf"))
+        ls = tl.load(PL + part * R + rr, mask=ok, other=0.0)
+        os = tl.load(PO + (part * R + rr[:, None]) * D + dd[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m, ms)
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+        a = tl.exp2(m - m_safe)
+        w = tl.exp2(ms - m_safe)
+        l = l * a + ls * w
+        acc = acc * a[:, None] + os * w[:, None]
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(OUT + (pid * R + rr[:, None]) * D + dd[None, :], out, mask=ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------ host side
+@dataclass
+class HackKV:
+    """HACK's stored tensors of one layer (hack_cli/methods/hack/store.py's layout), plain tensors on one device.
+
+    codes (B, H, NB, Π, D·b/8) uint8; channel layout: k_mn/k_scale (B, H, NB, D), v_mn/v_scale (B, H, NB, Π, G);
+    token layout: k_mn/k_scale (B, H, NB, Π, G), v_mn/v_scale (B, H, NB, D); k_sum (B, H, NB, Π, G);
+    v_sum (B, H, NB, D); sinks (B, H, S, D) and open block (B, H, Π, D) 16-bit; counters (B,) int32.
+    """
+
+    layout: str
+    bits: int
+    k_codes: torch.Tensor
+    k_mn: torch.Tensor
+    k_scale: torch.Tensor
+    k_sum: torch.Tensor
+    v_codes: torch.Tensor
+    v_mn: torch.Tensor
+    v_scale: torch.Tensor
+    v_sum: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    open_k: torch.Tensor
+    open_v: torch.Tensor
+    n_closed: torch.Tensor
+    fill: torch.Tensor
+    sink_fill: torch.Tensor
+
+    @property
+    def partition(self) -> int:
+        return self.k_codes.shape[3]
+
+    @property
+    def groups(self) -> int:
+        return self.k_sum.shape[-1]
+
+
+def from_layer(layer) -> HackKV:
+    """A HackLayerKV's tensors as a HackKV (no copies of the blocks; counters moved to the device)."""
+    dev, t = layer.device, layer.blocks
+    i32 = lambda x: x.to(device=dev, dtype=torch.int32)
+    return HackKV(layer.cfg.layout, layer.bits, t["k_codes"], t["k_mn"], t["k_scale"], t["k_sum"], t["v_codes"],
+                  t["v_mn"], t["v_scale"], t["v_sum"], layer.sinks["k"], layer.sinks["v"], layer.open["k"],
+                  layer.open["v"], i32(layer.n_closed), i32(layer.fill), i32(layer.sink_fill))
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def plan_splits(programs: int, max_blocks: int, device) -> tuple[int, int]:
+    """(splits, blocks per split) so that about 4 programs per SM run (1 split in the interpreter)."""
+    if interpreting() or max_blocks == 0:
+        return 1, max(max_blocks, 1)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, min(max_blocks, -(-4 * sms // programs)))
+    per = -(-max_blocks // want)
+    return -(-max_blocks // per), per
+
+
+def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int8", max_blocks: int | None = None,
+                splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """Decode attention of q (B, Hq, D) (one new token per sequence) over kv -> (B, Hq, D) in q's dtype.
+
+    max_blocks: max over sequences of n_closed (pass it to avoid a device sync).
+    """
+    B, Hq, D = q.shape
+    H = kv.k_codes.shape[1]
+    R, G, P = Hq // H, kv.groups, kv.partition
+    layout = 0 if kv.layout == "channel" else 1
+    RP = max(pow2(R), 16 // G) if layout == 0 else max(pow2(R), 16)
+    oper, dt = dot_dtypes(operand)
+    if max_blocks is None:
+        max_blocks = int(kv.n_closed.max())
+    nsplit, per = plan_splits(B * H, max_blocks, q.device) if splits is None else (splits, -(-max_blocks // splits))
+    qs = (q.float() * (scaling * LOG2E)).contiguous()  # (B, Hq, D): base-2 logits
+    po = torch.empty(B * H, nsplit + 1, R, D, device=q.device, dtype=torch.float32)
+    pm = torch.empty(B * H, nsplit + 1, R, device=q.device, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    S = kv.sink_k.shape[2]
+    _decode_kernel[(B * H, nsplit + 1)](
+        qs, kv.k_codes, kv.k_mn, kv.k_scale, kv.k_sum, kv.v_codes, kv.v_mn, kv.v_scale, kv.v_sum,
+        kv.sink_k, kv.sink_v, kv.open_k, kv.open_v, kv.n_closed, kv.fill, kv.sink_fill, po, pm, pl,
+        H, kv.k_codes.shape[2], S, per, nsplit,
+        R=R, RP=RP, D=D, PI=P, G=G, BITS=kv.bits, SP=max(16, pow2(S)), LAYOUT=layout, OPER=oper, DT=dt,
+        TDT=tail_dot_dtype(kv.sink_k), ASM=not interpreting(), num_warps=num_warps)
+    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    _combine_kernel[(B * H,)](po, pm, pl, out, nsplit + 1, R=R, RP=pow2(R), D=D, num_warps=4)
+    return out
