@@ -1,0 +1,98 @@
+"""Timing of one method's serving costs on this device, through the very code `hack bench jct` runs.
+
+Each phase is timed around the serving pipeline's own functions (`hack_cli.serve`), so the simulator replays
+measured costs of the same work:
+  prefill   `prefill_payload`: the model's prefill with the method's cache (compressing as KV is produced)
+  compress  `pack_payload(export_payload(cache))`: every layer's wire payload in one buffer
+  install   `DecodeEngine.install`: unpacking and `import_seq` into fresh decode-side stores
+  decode    `DecodeEngine.step`: one iteration of a batch of B requests with C tokens of context each
+and the bytes: payload (the method's transfer bytes, exact), the manifest that travels with it, and what the
+decode-side stores hold. Times are wall-clock (the pipeline's host work included), synchronized, median of
+`repeats`.
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable, device: torch.device):
+    """(seconds, result) of fn(), synchronized on both ends."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+class _NoWriter:
+    def write(self, record) -> None:
+        pass
+
+
+@torch.no_grad()
+def measure_prompt(model, method, device: torch.device, L: int, repeats: int) -> dict:
+    """prefill, compress and install times and the bytes of one L-token prompt."""
+    from hack_cli.serve.decode import DecodeEngine
+    from hack_cli.serve.link import HEADER_LEN, pack_payload
+    from hack_cli.serve.prefill import export_payload, prefill_payload, prompt_ids
+
+    ids = prompt_ids(0, L, L, model.config.get_text_config().vocab_size, device)
+    engine = DecodeEngine(model, method, device, float("inf"), _NoWriter(), time.monotonic())
+    times: dict[str, list[float]] = {"prefill": [], "compress": [], "install": []}
+    for _ in range(repeats):
+        t, (cache, _) = timed(lambda: prefill_payload(model, method, ids), device)
+        times["prefill"].append(t)
+        t, (payload, manifest) = timed(lambda: pack_payload(export_payload(cache)), device)
+        times["compress"].append(t)
+        del cache
+        t, stores = timed(lambda: engine.install(manifest, payload), device)
+        times["install"].append(t)
+    row = {"L": L, **{k: statistics.median(v) for k, v in times.items()}}
+    row["payload"] = int(payload.numel())
+    row["header"] = len(pickle.dumps(manifest)) + 2 * HEADER_LEN * 8  # what travels besides the payload
+    row["stored"] = int(sum(s.stored_bytes().total for s in stores))
+    return row
+
+
+def _request_stores(method, layers: int, kv_heads: int, head_dim: int, C: int, device, dtype) -> list:
+    """One request's decode-side stores holding C tokens of random (finite, unit-scale) K/V."""
+    stores = []
+    for layer in range(layers):
+        store = method.new_layer(layer, layers, 1, kv_heads, head_dim, device, dtype)
+        k, v = (torch.randn(1, kv_heads, C, head_dim, device=device, dtype=dtype) for _ in "kv")  # (1, H, C, D)
+        store.append(k, v)
+        stores.append(store)
+    return stores
+
+
+@torch.no_grad()
+def measure_decode(model, method, device: torch.device, C: int, batches: list[int], steps: int) -> list[dict]:
+    """Decode iteration time of batches of B requests, each with C tokens of context (copies of one request)."""
+    from hack_cli.serve.decode import Active, DecodeEngine
+    from hack_cli.serve.metrics import RequestRecord
+
+    engine = DecodeEngine(model, method, device, float("inf"), _NoWriter(), time.monotonic())
+    base = _request_stores(method, engine.layers, engine.kv_heads, engine.head_dim, C, device, engine.dtype)
+    rows = []
+    for B in batches:
+        engine.active = [Active(RequestRecord(-1, C, 10 ** 9, True, 0.0), copy.deepcopy(base), 1, C, 10 ** 9)
+                         for _ in range(B)]
+        engine.step()  # warm: this batch shape's kernels and allocations
+        times = [timed(engine.step, device)[0] for _ in range(steps)]
+        rows.append({"B": B, "C": C * B, "C_each": C, "decode": statistics.median(times)})
+        engine.active = []
+    del base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows

@@ -1,0 +1,285 @@
+"""`hack bench profile`: measure each method's serving costs on the device at hand, fit them, save a profile.
+
+The profile (`results/profiles/<card>_<model>.json`, versioned) holds per method: the measured points, least-squares
+fits (non-negative coefficients) of each phase over simple features of the work, and exact bytes per prompt
+length. `hack_cli.sim.roofline` scales it to other GPUs and models; `hack_cli.sim.engine` replays traces with it.
+
+    prefill(L)  = a + b·L + c·L²        compress(L) = a + b·L        install(L) = a + b·L
+    decode(B, C) = a + b·B + c·C        (B requests in the batch, C their total context tokens)
+
+Runs without Hydra on GPU machines (carry the omegaconf wheel for the method configs):
+
+    python -m hack_cli.sim.profile --model llama31_8b --methods fp16,hack --device cuda:0 \\
+        --lengths 1024,4096,8192,16384 --contexts 2048,16384 --batches 1,4,16
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from hack_cli.errors import HackError
+
+FORMAT, VERSION = "hack-sim-profile", 1
+REPO = Path(__file__).resolve().parents[2]
+PROFILES = REPO / "results" / "profiles"
+PHASE_FEATURES = {"prefill": ("1", "L", "L2"), "compress": ("1", "L"), "install": ("1", "L"), "decode": ("1", "B", "C")}
+
+
+@dataclass
+class ProfileConfig:
+    """`profile:` section of `conf/bench_profile.yaml`."""
+
+    lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])  # prompt lengths (prefill, bytes)
+    contexts: list[int] = field(default_factory=lambda: [128, 1024])  # decode context per request
+    batches: list[int] = field(default_factory=lambda: [1, 2, 4])  # decode batch sizes
+    decode_steps: int = 3  # timed decode iterations per (batch, context) point
+    repeats: int = 2  # timed prompts per length (median)
+    label: Optional[str] = None  # the method's name in the profile (default quant.name), e.g. hack_v1
+    out: Optional[str] = None  # profile file (default results/profiles/<card>_<model>.json); merged into
+    time_budget_s: float = 0.0  # stop measuring new points after this many seconds (0: no limit)
+
+    def __post_init__(self):
+        for key in ("lengths", "contexts", "batches"):
+            values = getattr(self, key)
+            if not values or min(values) < 1:
+                raise HackError(f"profile.{key}={list(values)!r} is not allowed: expected positive integers")
+        if len(self.lengths) < 3 or len(self.contexts) * len(self.batches) < 3:
+            raise HackError("profile needs >= 3 prompt lengths and >= 3 (batch, context) points to fit its phases")
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+def feature_matrix(features, rows: list[dict]) -> np.ndarray:
+    value = {"1": lambda r: 1.0, "L": lambda r: r["L"], "L2": lambda r: float(r["L"]) ** 2,
+             "B": lambda r: r["B"], "C": lambda r: r["C"]}
+    return np.array([[value[f](r) for f in features] for r in rows], dtype=float)
+
+
+def fit(phase: str, rows: list[dict]) -> dict:
+    """Non-negative least squares of `phase` times over its features, weighted to fit relative error."""
+    from scipy.optimize import nnls
+
+    features = PHASE_FEATURES[phase]
+    X, y = feature_matrix(features, rows), np.array([r[phase] for r in rows], dtype=float)
+    w = 1.0 / np.maximum(y, 1e-9)  # relative error: short prompts matter as much as long ones
+    coef, _ = nnls(X * w[:, None], y * w)
+    pred = X @ coef
+    return {"features": list(features), "coef": [float(c) for c in coef],
+            "max_rel_err": float(np.max(np.abs(pred - y) / np.maximum(y, 1e-12)))}
+
+
+# ---------------------------------------------------------------------------------------------- files
+def default_path(card: str, model: str) -> Path:
+    return PROFILES / f"{card}_{model}.json"
+
+
+def load_profile(path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise HackError(f"{path} is not a {FORMAT} v{VERSION} file")
+    return data
+
+
+def save_method(path: Path, header: dict, label: str, entry: dict) -> None:
+    """Add (or replace) one method's entry in the profile at `path`."""
+    data = load_profile(path) if path.exists() else {**header, "methods": {}}
+    if data["model"]["architecture"] != header["model"]["architecture"] or data["card"] != header["card"]:
+        raise HackError(f"{path} holds a profile of another card or architecture; choose profile.out")
+    data["methods"][label] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def find_profile(model: str, path: Optional[str] = None, local: bool = False, directory: Path = PROFILES) -> dict:
+    """The profile at `path`; else, for a `local` cluster, this machine's profile of `model`; else the GPU profile
+    of `model`, else any GPU profile (the roofline scales it to the model)."""
+    if path:
+        return load_profile(path)
+    profiles = [load_profile(f) for f in sorted(directory.glob("*.json"))]
+    if local:
+        import torch
+
+        card = card_of(torch.device("cuda:0" if torch.cuda.is_available() else "cpu"))[0]
+        groups = [[p for p in profiles if p["card"] == card and p["model"]["name"] == model]]
+        where = f"a {card} profile of {model}"
+    else:
+        gpu = [p for p in profiles if p["card"] != "cpu"]
+        groups = [[p for p in gpu if p["model"]["name"] == model], gpu]
+        where = f"a GPU profile (of {model} or any model)"
+    for group in groups:
+        if group:
+            return group[0]
+    raise HackError(f"no {where} in {directory}: run `hack bench profile` (see results/profiles/README.md)")
+
+
+def method_entry(profile: dict, quant: dict) -> tuple[str, dict]:
+    """(label, entry) of the profiled method whose quant config equals `quant` (seed and backend aside)."""
+    ignore = ("seed", "backend")
+    want = {k: v for k, v in quant.items() if k not in ignore}
+    for label, entry in profile["methods"].items():
+        if {k: v for k, v in entry["quant"].items() if k not in ignore} == want:
+            return label, entry
+    have = ", ".join(f"{k} ({e['quant']})" for k, e in profile["methods"].items())
+    raise HackError(f"the profile of {profile['model']['name']} on {profile['card']} has no method with quant "
+                    f"{want}; it has: {have}. Profile it with `hack bench profile quant=...`")
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def versions(device) -> dict:
+    import torch
+
+    out = {"torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    import transformers
+
+    out["transformers"] = transformers.__version__
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                       timeout=10).stdout.strip() or None
+    except OSError:
+        out["commit"] = None
+    out["device"] = str(device)
+    return out
+
+
+def card_of(device) -> tuple[str, str]:
+    """(catalog key or sanitized device name, device name)."""
+    import torch
+
+    from hack_cli.sim.catalog import identify
+
+    if device.type != "cuda":
+        return "cpu", "cpu"
+    name = torch.cuda.get_device_name(device)
+    return identify(name) or "".join(c if c.isalnum() else "_" for c in name.lower()), name
+
+
+def model_header(mc, model, card: str, device_name: str) -> dict:
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"format": FORMAT, "version": VERSION, "card": card, "device_name": device_name,
+            "model": {"name": mc.name, "dtype": mc.dtype, "architecture": dict(mc.architecture),
+                      "weight_bytes": int(weight_bytes)}}
+
+
+def profile_method(model, method, device, cfg: ProfileConfig, deadline: float, log=print) -> Optional[dict]:
+    """Measure and fit one method; None if the time budget ran out before enough points."""
+    from hack_cli.sim.measure import measure_decode, measure_prompt
+
+    measure_prompt(model, method, device, min(cfg.lengths), 1)  # warm-up: kernels, allocator
+    prompt, decode = [], []
+    for L in sorted(cfg.lengths):
+        if time.monotonic() > deadline:
+            break
+        prompt.append(measure_prompt(model, method, device, L, cfg.repeats))
+        log(f"  {method.name} L={L}: " + ", ".join(f"{k}={prompt[-1][k]:.4f}s" for k in ("prefill", "compress", "install")))
+    for C in sorted(cfg.contexts):
+        if time.monotonic() > deadline:
+            break
+        decode += measure_decode(model, method, device, C, sorted(cfg.batches), cfg.decode_steps)
+        log(f"  {method.name} C={C}: " + ", ".join(f"B={r['B']}:{r['decode']:.4f}s" for r in decode if r["C_each"] == C))
+    if len(prompt) < 3 or len(decode) < 3:
+        return None
+    return {"quant": dataclasses.asdict(method.config), "measured": versions(device),
+            "points": {"prompt": prompt, "decode": decode},
+            "phases": {**{p: fit(p, prompt) for p in ("prefill", "compress", "install")}, "decode": fit("decode", decode)},
+            "bytes": {"tokens": [r["L"] for r in prompt], "payload": [r["payload"] for r in prompt],
+                      "stored": [r["stored"] for r in prompt], "header": int(np.mean([r["header"] for r in prompt]))}}
+
+
+def profile_all(mc, methods: list[tuple[str, object]], device, cfg: ProfileConfig, log=print) -> tuple[Path, dict]:
+    """Profile every (label, method) on one model; returns the profile path and the labels' fit errors."""
+    from hack_cli.serve.workers import build_model
+
+    start = time.monotonic()
+    deadline = start + cfg.time_budget_s if cfg.time_budget_s > 0 else float("inf")
+    model = build_model(mc, device)
+    card, device_name = card_of(device)
+    header = model_header(mc, model, card, device_name)
+    path = Path(cfg.out) if cfg.out else default_path(card, mc.name)
+    errors = {}
+    for label, method in methods:
+        log(f"profiling {label} on {device_name} ({time.monotonic() - start:.0f}s elapsed)")
+        entry = profile_method(model, method, device, cfg, deadline, log)
+        if entry is None:
+            log(f"  {label}: time budget spent before enough points; not saved")
+            continue
+        save_method(path, header, label, entry)
+        errors[label] = {p: f["max_rel_err"] for p, f in entry["phases"].items()}
+    return path, errors
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def run(job) -> dict:
+    """`hack bench profile`: profile `quant` on `model` and merge it into the profile file."""
+    from hack_cli.methods import build_method
+
+    cfg: ProfileConfig = job.typed["profile"]
+    quant = job.typed["quant"]
+    label = cfg.label or quant.name
+    device = pick_device(job.typed["cluster"].prefill_device)
+    path, errors = profile_all(job.typed["model"], [(label, build_method(quant))], device, cfg)
+    if label not in errors:
+        raise HackError(f"profile.time_budget_s={cfg.time_budget_s} ran out before {label} had enough points")
+    return {"profile": str(path), **{f"max_rel_err_{p}": e for p, e in errors[label].items()}}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Plain-argument entry point (no Hydra): conf/model/<name>.yaml and conf/quant/<preset>.yaml via PyYAML."""
+    import yaml
+
+    from hack_cli.config import ModelConfig
+    from hack_cli.methods import build_method, quant_schema
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="conf/model/<name>.yaml (profiled with random weights)")
+    p.add_argument("--methods", default="fp16,hack", help="conf/quant presets, comma-separated (label = preset)")
+    p.add_argument("--device", default="auto")
+    defaults = ProfileConfig()
+    p.add_argument("--lengths", type=_ints, default=defaults.lengths)
+    p.add_argument("--contexts", type=_ints, default=defaults.contexts)
+    p.add_argument("--batches", type=_ints, default=defaults.batches)
+    p.add_argument("--decode-steps", type=int, default=defaults.decode_steps)
+    p.add_argument("--repeats", type=int, default=defaults.repeats)
+    p.add_argument("--time-budget", type=float, default=0.0)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    conf = REPO / "conf"
+    raw = yaml.safe_load((conf / "model" / f"{a.model}.yaml").read_text())
+    mc = ModelConfig(**{**raw, "weights": "random"})
+    methods = []
+    for preset in a.methods.split(","):
+        fields = yaml.safe_load((conf / "quant" / f"{preset}.yaml").read_text())
+        methods.append((preset, build_method(quant_schema(fields["name"])(**fields))))
+    cfg = ProfileConfig(a.lengths, a.contexts, a.batches, a.decode_steps, a.repeats, None, a.out, a.time_budget)
+    path, errors = profile_all(mc, methods, pick_device(a.device), cfg)
+    print(json.dumps({"profile": str(path), "max_rel_err": errors}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
