@@ -27,7 +27,7 @@ def test_token_layout_scores(rows, blocks, part, groups, bits, seed):
     kc, kmn, ks, ksum = quantize(k, bits, c, "nearest")  # per token, groups along D
     q8, qmn, qs = quantize_int8(q, c)
     ref = deq8(q8, qmn, qs, c) @ dequantize(kc, kmn, ks, c).transpose(-1, -2)  # (2, R, N)
-    close(hm.scores_token_k(q, kc, kmn, ks, ksum), ref)
+    close(hm.scores_token_k(q, kc, kmn, ks, ksum, bits), ref)
 
 
 @settings(max_examples=25, deadline=None)
@@ -46,7 +46,7 @@ def test_token_layout_values_with_partial_block(rows, blocks, part, groups, bits
     p8, pmn, ps = quantize_int8(p, part)
     vhat = vmn[:, :, None].float() + vs[:, :, None].float() * vc.float()  # (2, NB, Π, D)
     ref = torch.einsum("brnt,bntd->brd", deq8(p8, pmn, ps, part) * ok[:, None], vhat)
-    close(hm.values_token_v(p, ok, vc, vmn, vs, vsum), ref)
+    close(hm.values_token_v(p, ok, vc, vmn, vs, vsum, bits), ref)
 
 
 @settings(max_examples=25, deadline=None)
@@ -60,9 +60,10 @@ def test_channel_layout_scores(rows, blocks, part, groups, bits, seed):
     ksum = kc.reshape(2, blocks, part, groups, c).long().sum(-1)
     qt = q[:, None] * ks[:, :, None].float()  # q̃: (2, NB, R, D)
     q8, qmn, qs = quantize_int8(qt, c)
-    ref = torch.einsum("bnrd,bntd->brnt", deq8(q8, qmn, qs, c), kc.float()) + \
-        torch.einsum("brd,bnd->brn", q, kmn.float())[..., None]
-    close(hm.scores_channel_k(q, kc, kmn, ks, ksum), ref)
+    z = 2 ** (bits - 1)  # codes enter centered; the center moves into the min
+    ref = torch.einsum("bnrd,bntd->brnt", deq8(q8, qmn, qs, c), kc.float() - z) + \
+        torch.einsum("brd,bnd->brn", q, kmn.float() + ks.float() * z)[..., None]
+    close(hm.scores_channel_k(q, kc, kmn, ks, ksum, bits), ref)
 
 
 @settings(max_examples=25, deadline=None)
@@ -76,9 +77,11 @@ def test_channel_layout_values(rows, blocks, part, groups, bits, seed):
     p = torch.softmax(torch.randn(2, rows, blocks, part, generator=g), -1)
     pt = (p[..., None] * vs.float()[:, None]).movedim(-1, -2)  # P̃: (2, R, NB, G, Π)
     p8, pmn, ps = quantize_int8(pt, part)
-    ref = torch.einsum("brngt,bntgc->brgc", deq8(p8, pmn, ps, part), vc.float().reshape(2, blocks, part, groups, c))
-    ref = ref.flatten(-2) + torch.einsum("brnt,bntg->brg", p, vmn.float()).repeat_interleave(c, -1)
-    close(hm.values_channel_v(p, vc, vmn, vs, vsum), ref)
+    z = 2 ** (bits - 1)  # codes enter centered; the center moves into the min
+    ref = torch.einsum("brngt,bntgc->brgc", deq8(p8, pmn, ps, part),
+                       vc.float().reshape(2, blocks, part, groups, c) - z)
+    ref = ref.flatten(-2) + torch.einsum("brnt,bntg->brg", p, vmn.float() + vs.float() * z).repeat_interleave(c, -1)
+    close(hm.values_channel_v(p, vc, vmn, vs, vsum, bits), ref)
 
 
 def test_products_never_see_dequantized_kv():

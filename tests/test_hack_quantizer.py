@@ -56,9 +56,10 @@ def test_stochastic_rounding_is_seeded():
     assert torch.equal(a, b)
 
 
-def test_constant_partition_uses_unit_scale():
-    codes, mn, scale, _ = quantize(torch.full((1, 32), 3.0), 2, 32, "nearest")
-    assert (scale == 1).all() and torch.equal(dequantize(codes, mn, scale, 32), torch.full((1, 32), 3.0))
+def test_constant_partition_is_exact_with_zero_codes_and_scale():
+    codes, mn, scale, _ = quantize(torch.full((1, 32), 3.0), 2, 32, "stochastic")
+    assert (codes == 0).all() and (scale == 0).all()
+    assert torch.equal(dequantize(codes, mn, scale, 32), torch.full((1, 32), 3.0))
 
 
 def test_non_finite_input_names_the_layer():

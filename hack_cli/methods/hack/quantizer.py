@@ -23,6 +23,14 @@ def sum_dtype(count: int, bits: int) -> torch.dtype:
     return torch.uint8 if count * (2**bits - 1) <= 255 else torch.int16
 
 
+def round_toward(x: torch.Tensor, dtype: torch.dtype, direction: int) -> torch.Tensor:
+    """x (fp32) in `dtype`, rounded down (direction -1) or up (+1) instead of to nearest."""
+    y = x.to(dtype)
+    off = (y.float() > x) if direction < 0 else (y.float() < x)
+    step = torch.nextafter(y, torch.full_like(y, direction * float("inf")))
+    return torch.where(off, step, y)
+
+
 def quantize(x: torch.Tensor, bits: int, group: int, rounding: str, meta_dtype: torch.dtype = torch.float16,
              generator: Optional[torch.Generator] = None, where: str = "tensor"):
     """Quantize groups of `group` consecutive elements of the last axis.
@@ -38,10 +46,14 @@ def quantize(x: torch.Tensor, bits: int, group: int, rounding: str, meta_dtype: 
     xg = x.float().reshape(*x.shape[:-1], n // group, group)  # (..., G, group)
     lo, hi = xg.amin(-1), xg.amax(-1)  # (..., G)
     levels = 2**bits - 1
-    mn = lo.to(meta_dtype)
-    scale = ((hi - mn.float()) / levels).to(meta_dtype)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    t = (xg - mn.float()[..., None]) / scale.float()[..., None]  # (..., G, group)
+    # Round the stored min down and the stored scale up, so every value lands inside [mn, mn + levels * scale]
+    # and no code is clamped (the error bound holds even for tiny, subnormal 16-bit scales).
+    mn = round_toward(lo, meta_dtype, -1)
+    scale = round_toward((hi - mn.float()) / levels, meta_dtype, +1)
+    # A constant partition divides by 1 (HACK.md: "if s == 0 use s = 1"), gets all-zero codes, and stores s = 0:
+    # the same dequantized values, but a stored 1 would dominate the scales that HACK folds into q and P.
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
+    t = (xg - mn.float()[..., None]) / divisor.float()[..., None]  # (..., G, group)
     if rounding == "nearest":
         t = t + 0.5
     elif rounding == "stochastic":

@@ -214,19 +214,20 @@ class HackLayerKV(LayerKV):
             pos = S + (blk * P + slot).flatten()[None].expand(B, nb * P)  # (B, nb*P)
             m = {name: t[:, :, :nb] for name, t in self.blocks.items() if not name.endswith("codes")}
             if self.kind["k"] == "per_channel":
-                s = hm.scores_channel_k(qr, codes["k"], m["k_mn"], m["k_scale"], self._sums("k", codes["k"], m.get("k_sum")))
+                s = hm.scores_channel_k(qr, codes["k"], m["k_mn"], m["k_scale"], self._sums("k", codes["k"], m.get("k_sum")), self.bits)
                 s = s.flatten(-2)  # (B, H, R, nb*P)
             else:
                 flat = lambda t: t.flatten(2, 3)  # (B, H, nb*P, ...)
                 s = hm.scores_token_k(qr, flat(codes["k"]), flat(m["k_mn"]), flat(m["k_scale"]),
-                                      flat(self._sums("k", codes["k"], m.get("k_sum"))))
+                                      flat(self._sums("k", codes["k"], m.get("k_sum"))), self.bits)
             scores.append((s, pos, ok.flatten(1)))
             if self.kind["v"] == "per_token":
                 values.append(lambda p: hm.values_channel_v(p.unflatten(-1, (nb, P)), codes["v"], m["v_mn"],
-                                                            m["v_scale"], self._sums("v", codes["v"], m.get("v_sum"))))
+                                                            m["v_scale"], self._sums("v", codes["v"], m.get("v_sum")), self.bits))
             else:
                 values.append(lambda p: hm.values_token_v(p.unflatten(-1, (nb, P)), ok[:, None], codes["v"],
-                                                          m["v_mn"], m["v_scale"], self._sums("v", codes["v"], m.get("v_sum"))))
+                                                          m["v_mn"], m["v_scale"], self._sums("v", codes["v"], m.get("v_sum")),
+                                                          self.bits))
 
         # open block (16-bit V; 16-bit K in the channel layout, per-token codes in the token layout)
         if req:
@@ -239,7 +240,7 @@ class HackLayerKV(LayerKV):
                 gather = lambda name: self.blocks[name][idx, :, nc]  # (B, H, P, ...): block nc of each sequence
                 kc = unpack(gather("k_codes"), self.bits)  # (B, H, P, D)
                 ksum = self._sums("k", kc, gather("k_sum") if self.cfg.summation_elimination else None)
-                s = hm.scores_token_k(qr, kc, gather("k_mn"), gather("k_scale"), ksum)  # (B, H, R, P)
+                s = hm.scores_token_k(qr, kc, gather("k_mn"), gather("k_scale"), ksum, self.bits)  # (B, H, R, P)
             scores.append((s, pos, torch.arange(P, device=dev)[None] < fill[:, None]))
             vo = self.open["v"].float()
             values.append(lambda p, vo=vo: p @ vo)
