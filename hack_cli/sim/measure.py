@@ -86,8 +86,8 @@ def measure_decode(model, method, device: torch.device, C: int, batches: list[in
     base = _request_stores(method, engine.layers, engine.kv_heads, engine.head_dim, C, device, engine.dtype)
     rows = []
     for B in batches:
-        engine.active = [Active(RequestRecord(-1, C, 10 ** 9, True, 0.0), copy.deepcopy(base), 1, C, 10 ** 9)
-                         for _ in range(B)]
+        engine.active = [Active(record=RequestRecord(-1, C, 10 ** 9, True, 0.0), stores=copy.deepcopy(base),
+                                token=1, pos=C, left=10 ** 9, tokens=[]) for _ in range(B)]
         engine.step()  # warm: this batch shape's kernels and allocations
         times = [timed(engine.step, device)[0] for _ in range(steps)]
         rows.append({"B": B, "C": C * B, "C_each": C, "decode": statistics.median(times)})
