@@ -47,29 +47,29 @@ def tail_dot_dtype(t: torch.Tensor):
 @triton.jit
 def _piece(packed, SHIFT: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
     """Code j of every byte (SHIFT = j·BITS) as DT: int8 -> the code; fp8/fp16 -> code·2^-9 (e4m3 bits = code)."""
-    if ASM and DT == tl.float16:
-        out = _piece(packed, SHIFT, BITS, tl.float8e4nv, ASM).to(tl.float16)
-    elif ASM:
+    if ASM:
         if BITS == 2:
             if SHIFT == 0:
-                out = tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [packed], dtype=DT,
+                out = tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [packed], dtype=tl.int8,
                                                 is_pure=True, pack=4)
             elif SHIFT == 2:
                 out = tl.inline_asm_elementwise("shr.b32 $0, $1, 2;\n\tand.b32 $0, $0, 0x03030303;", "=r,r",
-                                                [packed], dtype=DT, is_pure=True, pack=4)
+                                                [packed], dtype=tl.int8, is_pure=True, pack=4)
             elif SHIFT == 4:
                 out = tl.inline_asm_elementwise("shr.b32 $0, $1, 4;\n\tand.b32 $0, $0, 0x03030303;", "=r,r",
-                                                [packed], dtype=DT, is_pure=True, pack=4)
+                                                [packed], dtype=tl.int8, is_pure=True, pack=4)
             else:
                 out = tl.inline_asm_elementwise("shr.b32 $0, $1, 6;\n\tand.b32 $0, $0, 0x03030303;", "=r,r",
-                                                [packed], dtype=DT, is_pure=True, pack=4)
+                                                [packed], dtype=tl.int8, is_pure=True, pack=4)
         else:
             if SHIFT == 0:
-                out = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [packed], dtype=DT,
+                out = tl.inline_asm_elementwise("and.b32 $0, $1, 0x0F0F0F0F;", "=r,r", [packed], dtype=tl.int8,
                                                 is_pure=True, pack=4)
             else:
                 out = tl.inline_asm_elementwise("shr.b32 $0, $1, 4;\n\tand.b32 $0, $0, 0x0F0F0F0F;", "=r,r",
-                                                [packed], dtype=DT, is_pure=True, pack=4)
+                                                [packed], dtype=tl.int8, is_pure=True, pack=4)
+        if DT != tl.int8:
+            out = out.to(tl.float8e4nv, bitcast=True).to(DT)
     else:
         code = (packed >> SHIFT) & ((1 << BITS) - 1)
         if DT == tl.int8:
