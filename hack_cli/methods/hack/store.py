@@ -76,6 +76,10 @@ class HackLayerKV(LayerKV):
     def _quantize_into(self, b: int, x: str, slot0: int, vals: torch.Tensor) -> None:
         """Quantize raw values vals (H, n, D) into slots slot0.. of sequence b. per_channel writes start a block."""
         H, n, D = vals.shape
+        if self.cfg.backend == "triton" or (self.cfg.backend == "auto" and vals.is_cuda):  # Triton kernel (issue 5)
+            from hack_kernels import dispatch
+            if dispatch.quantize_into(self, b, x, slot0, vals):
+                return
         P, where = self.part, f"layer {self.layer_idx} {x.upper()}"
         beta0, off = divmod(slot0, P)
         nb = -(-(off + n) // P)
@@ -186,6 +190,11 @@ class HackLayerKV(LayerKV):
         return cached if self.cfg.summation_elimination else self._code_sums(x, codes)
 
     def attend(self, q: torch.Tensor, scaling: float, window: Optional[int] = None) -> torch.Tensor:
+        if self.cfg.backend == "triton" or (self.cfg.backend == "auto" and q.is_cuda):  # Triton kernel (issue 5)
+            from hack_kernels import dispatch
+            out = dispatch.attend(self, q, scaling, window)
+            if out is not None:
+                return out
         B, Hq, Tq, D = q.shape
         H, P, S = self.kv_heads, self.part, self.cfg.sink_tokens
         G = Hq // H

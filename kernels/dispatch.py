@@ -1,0 +1,57 @@
+"""Where HackLayerKV (hack_cli/methods/hack/store.py) hands work to the Triton kernels.
+
+The store calls these only when `cfg.backend` is triton, or auto on CUDA. Each returns None/False when its kernel does
+not cover the case (prefill chunks, sliding windows, 8-bit codes, the ablations), and the store's PyTorch reference
+runs instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from hack_kernels.decode import from_layer, hack_decode
+from hack_kernels.quantize import quantize_blocks
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def covered(layer) -> bool:
+    cfg = layer.cfg
+    return (layer.bits in (2, 4) and cfg.summation_elimination and cfg.requant_elimination
+            and _pow2(layer.head_dim) and _pow2(layer.part) and _pow2(layer.group))
+
+
+def attend(layer, q: torch.Tensor, scaling: float, window: Optional[int]) -> Optional[torch.Tensor]:
+    """Decode step (one query token per sequence, no window): the homomorphic decode kernel, else None."""
+    if q.shape[2] != 1 or window is not None or not covered(layer):
+        return None
+    out = hack_decode(from_layer(layer), q[:, :, 0], scaling, max_blocks=int(layer.n_closed.max()))  # (B, Hq, D)
+    active = (layer.q_pos[:, -1] >= 0).to(out.device)  # padding queries see nothing
+    return (out * active[:, None, None].to(out.dtype))[:, :, None]
+
+
+def quantize_into(layer, b: int, x: str, slot0: int, vals: torch.Tensor) -> bool:
+    """Whole blocks of raw values vals (H, n, D) into sequence b's blocks from slot0: the one-pass kernel."""
+    H, n, D = vals.shape
+    P = layer.part
+    beta0, off = divmod(slot0, P)
+    if off or n % P or not n or not covered(layer):
+        return False
+    nb = n // P
+    layer._grow(beta0 + nb)
+    seed = 0
+    if layer.cfg.rounding == "stochastic":
+        seed = int(torch.randint(2**31 - 1, (1,), generator=layer.gen, device=layer.gen.device))
+    per_channel = layer.kind[x] == "per_channel"
+    res = quantize_blocks(vals.reshape(H * nb, P, D), layer.bits, layer.group, per_channel, x == "k",
+                          layer.cfg.rounding, seed, layer.meta_dtype)
+    t, sl = layer.blocks, (b, slice(None), slice(beta0, beta0 + nb))
+    t[f"{x}_codes"][sl] = res["codes"].view(H, nb, P, -1)
+    meta = (H, nb, D) if per_channel else (H, nb, P, layer.groups)
+    t[f"{x}_mn"][sl] = res["mn"].view(meta)
+    t[f"{x}_scale"][sl] = res["scale"].view(meta)
+    t[f"{x}_sum"][sl] = res["sums"].view((H, nb, P, layer.groups) if x == "k" else (H, nb, D))
+    return True
