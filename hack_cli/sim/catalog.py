@@ -102,4 +102,6 @@ def identify(device_name: str) -> Optional[str]:
     words = device_name.lower().replace("-", " ").split()
     if "a100" in words:
         return "a100_80" if any(w.startswith("80") for w in words) else "a100_40"
+    if "v100" in words:
+        return "v100_32" if any(w.startswith("32") for w in words) else "v100"
     return next((key for key in ("h200", "h100", "a10g", "l4", "t4", "v100") if key in words), None)

@@ -94,7 +94,7 @@ def run_sim(job) -> dict:
     profile = find_profile(model.name, getattr(jct, "profile", None), local=local)
     label, entry = method_entry(profile, asdict(t["quant"]))
     costs = Costs(profile, entry, model.architecture, model.dtype, cluster.prefill_gpu, cluster.decode_gpu,
-                  cluster.bandwidth_gbps)
+                  cluster.bandwidth_gbps, cluster.decode_kv_budget_gb)
     trace = make_trace(trace_cfg)
     if getattr(jct, "max_requests", 0):
         trace = trace[:jct.max_requests]

@@ -21,7 +21,8 @@ features of the work. Each feature is bound by one resource, and its coefficient
 
 compute scales by rate_source / rate_target, memory by bandwidth_source / bandwidth_target, fixed not at all (the
 host is assumed alike). Tensor parallelism over `tp` GPUs divides compute and memory terms by `tp` and adds two
-ring all-reduces of the layer's activations per layer (2·(tp−1)/tp · tokens·hidden·2 bytes over the
+ring all-reduces of the layer's activations per layer (tp: the fewest GPUs of one instance holding the weights, and
+on the decode side also the KV budget) (2·(tp−1)/tp · tokens·hidden·2 bytes over the
 intra-instance link, plus a latency each). Bytes on the wire and in the decode budget scale with the model's KV
 bytes per token.
 """
@@ -37,7 +38,7 @@ from hack_cli.errors import HackError
 from hack_cli.sim.catalog import GPU, get_gpu
 
 ALLREDUCE_LATENCY_S = 10e-6  # assumed per all-reduce (order of NCCL's small-message latency on one node)
-WEIGHT_HEADROOM = 0.9  # a TP degree must leave weights within this share of the instance's GPU memory
+WEIGHT_HEADROOM = 0.9  # weights (+ the decode KV budget) must fit this share of the TP group's GPU memory
 FEATURES = {"prefill": ("1", "L", "L2"), "compress": ("1", "L"), "install": ("1", "L"), "decode": ("1", "B", "C")}
 DTYPE_ARITHMETIC = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # Methods whose prefill attention can run on their compressed codes, and the arithmetic it then uses.
@@ -95,16 +96,16 @@ def evaluate(fit: dict, **x: float) -> float:
     return float(sum(c * values[f] for f, c in zip(fit["features"], fit["coef"])))
 
 
-def tp_degree(arch: Arch, dtype_bytes: int, gpu: Optional[GPU]) -> int:
-    """Smallest power-of-two number of GPUs of the instance whose memory holds the weights."""
+def tp_degree(arch: Arch, dtype_bytes: int, gpu: Optional[GPU], kv_bytes: float = 0.0) -> int:
+    """Smallest power-of-two number of GPUs of one instance whose memory holds the weights and `kv_bytes`."""
     if gpu is None:
         return 1
     tp, weights = 1, arch.params * dtype_bytes
-    while weights / tp > WEIGHT_HEADROOM * gpu.memory_bytes:
+    while (weights + kv_bytes) / tp > WEIGHT_HEADROOM * gpu.memory_bytes:
         tp *= 2
         if tp > gpu.max_gpus:
-            raise HackError(f"{weights / 1e9:.0f} GB of weights do not fit one {gpu.name} instance "
-                            f"({gpu.max_gpus} x {gpu.memory_gb} GB)")
+            raise HackError(f"{weights / 1e9:.0f} GB of weights and {kv_bytes / 1e9:.0f} GB of KV do not fit one "
+                            f"{gpu.name} instance ({gpu.max_gpus} x {gpu.memory_gb} GB)")
     return tp
 
 
@@ -112,7 +113,7 @@ class Costs:
     """Per-request phase times (seconds) and bytes of one method on one simulated cluster."""
 
     def __init__(self, profile: dict, method: dict, arch: dict, dtype: str, prefill_gpu: str, decode_gpu: str,
-                 link_gbps: float):
+                 link_gbps: float, decode_kv_budget_gb: float = 0.0):
         self.profile, self.method = profile, method
         self.src, self.tgt = Arch.of(profile["model"]["architecture"]), Arch.of(arch)
         self.dtype = DTYPE_ARITHMETIC[dtype]
@@ -120,7 +121,7 @@ class Costs:
         self.source = None if profile["card"] in ("cpu", None) else get_gpu(profile["card"])
         self.prefill_gpu, self.decode_gpu = self._target(prefill_gpu), self._target(decode_gpu)
         self.tp_prefill = tp_degree(self.tgt, self.dtype_bytes, self.prefill_gpu)
-        self.tp_decode = tp_degree(self.tgt, self.dtype_bytes, self.decode_gpu)
+        self.tp_decode = tp_degree(self.tgt, self.dtype_bytes, self.decode_gpu, decode_kv_budget_gb * 1e9)
         self.link_bytes_per_s = link_gbps * 1e9 / 8
         quant = method["quant"]
         self.attn_arithmetic = QUANTIZED_PREFILL_ARITHMETIC.get(quant["name"], self.dtype) \
