@@ -99,7 +99,7 @@ def task(cfg: DictConfig) -> dict:
 # ---------------------------------------------------------------------------------------------- checking
 def _one_line(e: Exception) -> str:
     """A Hydra/OmegaConf composition error as one line naming the override and what is allowed."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
@@ -107,6 +107,8 @@ def _one_line(e: Exception) -> str:
         allowed = ", ".join(e.options or []) or f"none yet (no {group}/*.yaml)"
         return f"{group}={option} is not allowed: expected one of {allowed}"
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the override {e.override!r}: {lines[0]} (grammar: hydra.cc/docs/advanced/override_grammar/basic)"
     if "Ambiguous value" in str(e):
         return f"{lines[0].split('argument ')[-1]} is a sweep: add -m (--multirun) to run one job per value"
     cause = e.__cause__

@@ -38,7 +38,8 @@ class Tracker:
                 reason = str(e).splitlines()[0]
                 print(f"W&B online unavailable ({reason}); logging offline to {self.run_dir}/wandb, upload later "
                       f"with `wandb sync {self.run_dir}/wandb/offline-run-*`", file=sys.stderr)
-        self.run = wandb.init(mode="offline", **self.init_args)
+        # Silent: wandb's banner would bury the job's own output; the README says where offline runs live.
+        self.run = wandb.init(mode="offline", settings=wandb.Settings(silent=True), **self.init_args)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.run is not None:
