@@ -102,10 +102,11 @@ def _run(command: str, overrides: list[str], multirun: bool, show_cfg: Optional[
         if run_function(command) is None:
             raise HackError(f"{cli_name(command)}: not implemented yet")
         first = checked[0][1]["run"]
-        if first.resume and not any(o.split("=", 1)[0] == "out_dir" for o in overrides):
-            raise HackError("resume=true continues an existing run: add out_dir=<its directory>")
         out_dir = Path(first.out_dir)  # resolved once, so every job of a sweep shares the timestamp
-        if holds_run(out_dir) and not first.resume:  # checked before Hydra writes anything there
+        # Both checked before Hydra writes anything into out_dir.
+        if first.resume and not holds_run(out_dir):
+            raise HackError(f"resume=true: {out_dir} holds no run to continue; add out_dir=<the run's directory>")
+        if holds_run(out_dir) and not first.resume:
             raise HackError(f"{out_dir} already holds a run: add resume=true to continue it, or choose another "
                             "out_dir")
         jobs = [job for job, _ in checked]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -108,7 +107,7 @@ def _one_line(e: Exception) -> str:
         return f"{group}={option} is not allowed: expected one of {allowed}"
     lines = [s.strip() for s in str(e).splitlines() if s.strip()]
     if isinstance(e, OverrideParseException):
-        return f"cannot parse the override {e.override!r}: {lines[0]} (grammar: hydra.cc/docs/advanced/override_grammar/basic)"
+        return f"cannot parse the override {e.override!r}: {lines[0]} (see hydra.cc override grammar)"
     if "Ambiguous value" in str(e):
         return f"{lines[0].split('argument ')[-1]} is a sweep: add -m (--multirun) to run one job per value"
     cause = e.__cause__
@@ -189,14 +188,5 @@ def launch(command: str, overrides: list[str], multirun: bool, show_cfg: Optiona
         argv += ["--cfg", show_cfg] + (["--resolve"] if resolve else []) + (["--package", package] if package else [])
     args = get_args_parser().parse_args(argv)
     register_schemas(command)
-    # Errors raised in a job must reach the CLI (one line for HackError); Hydra would print a trace and exit 1.
-    full_error = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        _run_hydra(args=args, args_parser=get_args_parser(), task_function=task, config_path=str(CONF_DIR),
-                   config_name=command)
-    finally:
-        if full_error is None:
-            del os.environ["HYDRA_FULL_ERROR"]
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = full_error
+    _run_hydra(args=args, args_parser=get_args_parser(), task_function=task, config_path=str(CONF_DIR),
+               config_name=command)

@@ -86,4 +86,4 @@ def test_a_command_without_its_run_module_says_so(monkeypatch):
 
 
 def test_resume_needs_the_run_directory():
-    assert "out_dir" in one_line_error(hack("selftest", "resume=true"))
+    assert "holds no run to continue" in one_line_error(hack("selftest", "resume=true"))
