@@ -25,6 +25,8 @@ class JctConfig:
     chunk_mb: float = 1.0  # link chunk size (MiB): pacing granularity
     stall_timeout_s: float = 60.0  # a link silent this long (heartbeats included) ends the run
     timeout_s: Optional[float] = None  # whole run, startup included (none: only stalls and deaths end it)
+    save_tokens: bool = False  # write every request's output token ids to tokens.jsonl (correctness checks)
+    kvquant_random_calibration: bool = False  # quant=kvquant without a calibration file: fit on random tokens
     max_requests: int = 0  # >0: serve only the first N requests of the trace (scaled-down runs)
     fault: str = "none"  # fault injection for tests: none | kill_prefill | stall_link
     fault_at: int = 1  # the request at which the fault happens
@@ -59,12 +61,23 @@ def run(job) -> dict:
 
 def serve(spec) -> dict:
     """Run the real system for `spec`; writes per_request.csv and summary.json in spec.run_dir."""
-    from hack_cli.serve.metrics import read_per_request_csv, summarize, write_summary
+    return serve_many([spec], spec.run_dir)[0]
+
+
+def serve_many(specs: list, log_dir) -> list[dict]:
+    """Run several specs (one model, several methods/links/traces) with one pair of workers; the summaries."""
     from hack_cli.serve.workers import launch
 
-    if spec.jct.mode != "real":
+    if any(s.jct.mode != "real" for s in specs):
         raise HackError("serve() runs jct.mode=real only")
-    launch(spec, timeout_s=spec.jct.timeout_s)
+    timeouts = [s.jct.timeout_s for s in specs]
+    launch(specs, log_dir, timeout_s=None if None in timeouts else sum(timeouts))
+    return [summarize_run(s) for s in specs]
+
+
+def summarize_run(spec) -> dict:
+    from hack_cli.serve.metrics import read_per_request_csv, summarize, write_summary
+
     records = read_per_request_csv(Path(spec.run_dir) / "per_request.csv")
     summary = summarize(records, spec.trace.warmup, simulated=False)
     summary.update(method=spec.quant.name, model=spec.model.name, bandwidth_gbps=spec.cluster.bandwidth_gbps,

@@ -15,6 +15,7 @@ Semantics (the simulator, `hack_cli.sim`, mirrors them):
 """
 from __future__ import annotations
 
+import json
 import math
 import queue
 import time
@@ -29,6 +30,7 @@ from hack_cli.serve.link import (H_ARRIVAL, H_COMPRESS_END, H_FIRST_TOKEN, H_OUT
                                  H_PREFILL_START, H_PROMPT, H_RID, H_SEND_START, HEADER_LEN, H_MANIFEST_BYTES,
                                  H_PAYLOAD_BYTES, LinkError, unpack_payload)
 from hack_cli.serve.metrics import RequestRecord
+from hack_cli.serve.payloads import import_seq
 from hack_cli.serve.prefill import sync
 
 
@@ -77,10 +79,12 @@ class Active:
     token: int  # the next input token
     pos: int  # its position
     left: int  # decode iterations still to run
+    tokens: list  # output token ids so far
 
 
 class DecodeEngine:
-    def __init__(self, model, method, device: torch.device, budget_bytes: float, writer, t0: float):
+    def __init__(self, model, method, device: torch.device, budget_bytes: float, writer, t0: float,
+                 tokens_path=None):
         from hack_cli.hf.attention import text_config
 
         cfg = text_config(model)
@@ -93,6 +97,7 @@ class DecodeEngine:
         self.waiting: deque = deque()  # (record, manifest, payload, first token)
         self.active: list[Active] = []
         self.done = 0
+        self.tokens_file = open(tokens_path, "w") if tokens_path else None  # jct.save_tokens: outputs, per request
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -117,7 +122,7 @@ class DecodeEngine:
             stores = self.install(manifest, payload)
             sync(self.device)
             rec.install_end = self.now()
-            act = Active(rec, stores, first, rec.prompt_len, rec.output_len - 1)
+            act = Active(rec, stores, first, rec.prompt_len, rec.output_len - 1, [first])
             if act.left == 0:
                 self.finish(act, rec.install_end)
             else:
@@ -133,7 +138,7 @@ class DecodeEngine:
         for layer in range(self.layers):
             store = self.method.new_layer(layer, self.layers, 1, self.kv_heads, self.head_dim, self.device,
                                           self.dtype)
-            store.import_seq(0, state[layer])
+            import_seq(store, 0, state[layer])
             stores.append(store)
         return stores
 
@@ -153,6 +158,7 @@ class DecodeEngine:
         still = []
         for a, tok in zip(batch, tokens):
             a.token, a.pos, a.left = tok, a.pos + 1, a.left - 1
+            a.tokens.append(tok)
             if a.left == 0:
                 self.finish(a, end)
             else:
@@ -164,6 +170,9 @@ class DecodeEngine:
         a.record.kv_stored_bytes = sum(s.stored_bytes().total for s in a.stores)
         self.used -= a.record.kv_reserved_bytes
         self.writer.write(a.record)
+        if self.tokens_file:
+            self.tokens_file.write(json.dumps({"rid": a.record.rid, "tokens": a.tokens}) + "\n")
+            self.tokens_file.flush()
         self.done += 1
 
 

@@ -23,13 +23,15 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from hack_cli.errors import HackError
+
 HEADER_LEN = 16
 KIND_END, KIND_REQUEST, KIND_BEAT = 0.0, 1.0, 2.0
 (H_KIND, H_RID, H_PROMPT, H_OUTPUT, H_ARRIVAL, H_PREFILL_START, H_PREFILL_END, H_COMPRESS_END, H_SEND_START,
  H_MANIFEST_BYTES, H_PAYLOAD_BYTES, H_FIRST_TOKEN) = range(12)
 
 
-class LinkError(RuntimeError):
+class LinkError(HackError):
     """The link stalled or its peer died."""
 
 
@@ -80,7 +82,7 @@ class LinkSender:
                  heartbeat_s: float, stall_after: Optional[int] = None):
         self.peer, self.device, self.chunk = peer, device, chunk_bytes
         self.pacer, self.heartbeat_s = Pacer(bandwidth_gbps), heartbeat_s
-        self.stall_after = stall_after  # fault injection: stop sending forever midway through this request
+        self.stall_after = stall_after  # fault injection: go silent forever in the middle of this request
         self.queue: queue.Queue = queue.Queue()
         self.sent = -1  # rid of the last request fully sent
         self.error: Optional[BaseException] = None
@@ -129,10 +131,9 @@ class LinkSender:
         header[H_MANIFEST_BYTES], header[H_PAYLOAD_BYTES] = meta.numel(), payload.numel()
         self._send_header(header, KIND_REQUEST)
         self._send(meta.to(self.device))
-        stall = self.stall_after is not None and int(header[H_RID]) == self.stall_after
+        if self.stall_after is not None and int(header[H_RID]) == self.stall_after:
+            threading.Event().wait()  # fault injection: the link goes silent between a header and its payload
         for start in range(0, payload.numel(), self.chunk):
-            if stall and start >= payload.numel() // 2:
-                threading.Event().wait()  # fault injection: the link goes silent mid-payload
             self._send(payload[start:start + self.chunk])
         self.sent = int(header[H_RID])
 
@@ -156,8 +157,9 @@ class LinkReceiver:
     """Receives messages from rank `peer` in a thread; `queue` yields (header, manifest, payload, recv_end) per
     request (recv_end on the local monotonic clock), then None at the end, or a LinkError."""
 
-    def __init__(self, peer: int, device: torch.device, chunk_bytes: int):
+    def __init__(self, peer: int, device: torch.device, chunk_bytes: int, stall_timeout_s: float):
         self.peer, self.device, self.chunk = peer, device, chunk_bytes
+        self.stall_timeout_s = stall_timeout_s  # the process group's timeout: a recv fails after it
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="link-receiver", daemon=True)
         self.thread.start()
@@ -185,8 +187,13 @@ class LinkReceiver:
                     self.queue.put((header, manifest, payload, time.monotonic()))
                     rid = None
         except BaseException as e:
-            where = f" while receiving request {rid}" if rid is not None else ""
-            self.queue.put(LinkError(f"link stalled or prefill worker died{where}: {str(e).splitlines()[0]}"))
+            where = f" while receiving request {rid}" if rid is not None else " between requests"
+            what = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "Timed out" in what or "timeout" in what.lower():
+                what = f"no data for {self.stall_timeout_s:g} s"
+                self.queue.put(LinkError(f"the link stalled{where}: {what}"))
+            else:
+                self.queue.put(LinkError(f"the link broke{where} (prefill worker died?): {what}"))
 
     def _recv(self, t: torch.Tensor) -> torch.Tensor:
         dist.recv(t, self.peer)

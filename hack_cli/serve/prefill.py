@@ -27,8 +27,8 @@ def sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def prefill_payload(model, method, ids: torch.Tensor) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """Prefill `ids` (1, T) with `method`'s cache -> (per-layer exported payloads, first output token id)."""
+def prefill_payload(model, method, ids: torch.Tensor):
+    """Prefill `ids` (1, T) with `method`'s cache -> (the filled `MethodCache`, first output token id)."""
     from hack_cli.hf import cache_keyword, make_cache
 
     cache = make_cache(model, method)
@@ -38,8 +38,10 @@ def prefill_payload(model, method, ids: torch.Tensor) -> tuple[list[dict[str, to
 
 
 def export_payload(cache) -> list[dict[str, torch.Tensor]]:
+    from hack_cli.serve.payloads import export_seq
+
     try:
-        return [store.export_seq(0) for store in cache.stores]
+        return [export_seq(store, 0) for store in cache.stores]
     except NotImplementedError:
         from hack_cli.errors import HackError
 

@@ -1,6 +1,6 @@
 """Process launch: a prefill worker (rank 0) and a decode worker (rank 1) joined by torch.distributed.
 
-`launch(spec)` starts both with torch.multiprocessing (spawn) on this machine: gloo on CPU or with one GPU (wire
+`launch(specs, log_dir)` starts both with torch.multiprocessing (spawn) on this machine: gloo on CPU or with one GPU (wire
 tensors on the CPU), NCCL when prefill and decode have GPUs of their own (cluster.prefill_device=cuda:0,
 cluster.decode_device=cuda:1). It watches them: if one dies or fails, the other is stopped at once and the run
 ends with that worker's one-line error; rows of finished requests stay in per_request.csv.
@@ -9,9 +9,9 @@ Two machines (one GPU each): run the same worker entry point under torchrun on b
 
     # on node A (prefill) and node B (decode), same arguments except --node_rank
     torchrun --nnodes 2 --nproc_per_node 1 --node_rank {0|1} --master_addr <node A> --master_port 29511 \
-        -m hack_cli.serve.workers <run_dir>/spec.pkl
+        -m hack_cli.serve.workers <run_dir>/specs.pkl
 
-`spec.pkl` is written by `write_spec` (e.g. from `python -m hack_cli.serve.bench_gpu ... --spec-only`); with
+`specs.pkl` is written by `write_specs` (e.g. from `python -m hack_cli.serve.bench_gpu ... --spec-only`); with
 devices `cuda:0` on both nodes set cluster.prefill_device=cuda:0 cluster.decode_device=cuda:0 and
 jct.backend=nccl. Clocks of the two nodes are reconciled by a ping-pong at start (`link.clock_sync`), and
 per_request.csv is written on the decode node.
@@ -94,7 +94,7 @@ def warm_up(model, method, device, wire, tokens: int = 64) -> None:
     buf, manifest = pack_payload(export_payload(cache))
     engine = DecodeEngine(model, method, device, float("inf"), _NoWriter(), time.monotonic())
     stores = engine.install(manifest, buf.to(wire))
-    engine.active = [Active(RequestRecord(-1, tokens, 2, True, 0.0), stores, first, tokens, 1)]
+    engine.active = [Active(RequestRecord(-1, tokens, 2, True, 0.0), stores, first, tokens, 1, [first])]
     engine.step()
 
 
@@ -103,11 +103,35 @@ class _NoWriter:
         pass
 
 
-def worker(rank: int, spec: ServeSpec, master_port: int) -> None:
-    """Entry point of one worker process (rank 0 prefill, rank 1 decode)."""
+def worker(rank: int, specs: list[ServeSpec], master_port: int) -> None:
+    """Entry point of one worker process (rank 0 prefill, rank 1 decode): serve each spec's run in turn with
+    one model load (all specs share the model, devices and backend)."""
     import torch
     import torch.distributed as dist
 
+    first = specs[0]
+    pre_dev, dec_dev, backend = devices(first)
+    device = pre_dev if rank == 0 else dec_dev
+    wire = device if backend == "nccl" else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    else:
+        torch.cuda.set_device(device)
+    model = build_model(first.model, device)
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(master_port))
+    dist.init_process_group(backend, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=first.jct.stall_timeout_s))
+    try:
+        for spec in specs:
+            serve_one(rank, spec, model, device, wire)
+    finally:
+        dist.destroy_process_group()
+
+
+def serve_one(rank: int, spec: ServeSpec, model, device, wire) -> None:
+    """One run: warm up the method, agree on the start, then prefill (rank 0) or decode (rank 1) its trace."""
     from hack_cli.methods import build_method
     from hack_cli.serve import link
     from hack_cli.serve.decode import DecodeEngine, serve_decode
@@ -116,57 +140,78 @@ def worker(rank: int, spec: ServeSpec, master_port: int) -> None:
     from hack_cli.serve.trace import make_trace
 
     jct, run_dir = spec.jct, Path(spec.run_dir)
-    pre_dev, dec_dev, backend = devices(spec)
-    device = pre_dev if rank == 0 else dec_dev
-    wire = device if backend == "nccl" else torch.device("cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    else:
-        torch.cuda.set_device(device)
     trace = make_trace(spec.trace)
     if jct.max_requests:
         trace = trace[:jct.max_requests]
-    method = build_method(spec.quant)
-    model = build_model(spec.model, device)
+    peer, chunk = 1 - rank, int(jct.chunk_mb * 2 ** 20)
+    quant = spec.quant
+    if quant.name == "kvquant" and quant.calibration is None and jct.kvquant_random_calibration:
+        quant = random_kvquant_calibration(rank, spec, model, wire)
+    method = build_method(quant)
     warm_up(model, method, device, wire)
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(master_port))
-    dist.init_process_group(backend, rank=rank, world_size=2, timeout=timedelta(seconds=jct.stall_timeout_s))
+    offset = link.clock_sync(rank, peer, wire)  # also a barrier: both workers are warm
+    start = link.agree_start(rank, peer, wire, offset, lead_s=0.2)  # the run's t0 on this rank's clock
+    if rank == 0:
+        sender = link.LinkSender(peer, wire, spec.cluster.bandwidth_gbps, chunk, heartbeat_s=jct.stall_timeout_s / 4,
+                                 stall_after=jct.fault_at if jct.fault == "stall_link" else None)
+        sender.to_decode_clock = offset
+        serve_prefill(model, method, trace, spec.seed, sender, start, device, wire,
+                      die_after=jct.fault_at if jct.fault == "kill_prefill" else None)
+        sender.close()
+        return
+    receiver = link.LinkReceiver(peer, wire, chunk, jct.stall_timeout_s)
+    writer = RecordWriter(run_dir / "per_request.csv")
+    engine = DecodeEngine(model, method, device, spec.cluster.decode_kv_budget_gb * 1e9, writer, start,
+                          tokens_path=run_dir / "tokens.jsonl" if jct.save_tokens else None)
     try:
-        peer, chunk = 1 - rank, int(jct.chunk_mb * 2 ** 20)
-        offset = link.clock_sync(rank, peer, wire)
-        start = link.agree_start(rank, peer, wire, offset, lead_s=0.2)  # the run's t0 on this rank's clock
-        if rank == 0:
-            sender = link.LinkSender(peer, wire, spec.cluster.bandwidth_gbps, chunk,
-                                     heartbeat_s=jct.stall_timeout_s / 4,
-                                     stall_after=jct.fault_at if jct.fault == "stall_link" else None)
-            sender.to_decode_clock = offset
-            serve_prefill(model, method, trace, spec.seed, sender, start, device, wire,
-                          die_after=jct.fault_at if jct.fault == "kill_prefill" else None)
-            sender.close()
-        else:
-            receiver = link.LinkReceiver(peer, wire, chunk)
-            writer = RecordWriter(run_dir / "per_request.csv")
-            engine = DecodeEngine(model, method, device, spec.cluster.decode_kv_budget_gb * 1e9, writer, start)
-            try:
-                serve_decode(engine, receiver, len(trace), spec.trace.warmup, idle_timeout=2 * jct.stall_timeout_s)
-            finally:
-                writer.close()
+        serve_decode(engine, receiver, len(trace), spec.trace.warmup, idle_timeout=2 * jct.stall_timeout_s)
     finally:
-        dist.destroy_process_group()
+        writer.close()
+    receiver.thread.join(jct.stall_timeout_s)  # the end marker follows the last payload
+    (run_dir / "done").touch()
 
 
-def _run_worker(rank: int, spec: ServeSpec, master_port: int) -> None:
-    """Runs `worker`; any failure becomes one line in <run_dir>/error_<name>.txt and exit code 1."""
+def random_kvquant_calibration(rank: int, spec: ServeSpec, model, wire):
+    """KVQuant levels fitted on random tokens by the prefill worker (then shared through the run directory):
+    only for timing runs of random-weight models, where no real calibration can exist and values do not matter."""
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from hack_cli.hf.attention import NAME
+    from hack_cli.methods.kvquant_calib import fit, save
+    from hack_cli.serve.prefill import prompt_ids
+
+    path = Path(spec.run_dir) / "kvquant_random_calibration.safetensors"
+    flag = torch.zeros(1, device=wire)
+    if rank == 0:
+        q = spec.quant
+        seqs = torch.cat([prompt_ids(spec.seed, -2 - i, 512, model.config.get_text_config().vocab_size, "cpu")
+                          for i in range(2)])  # (2, 512)
+        model.set_attn_implementation("sdpa")  # calibration reads a plain DynamicCache
+        try:
+            tensors, meta = fit(model, seqs, q.bits, q.outlier_fraction, 1, iters=20)
+        finally:
+            model.set_attn_implementation(NAME)
+        meta.update(model=spec.model.name, dataset="random tokens (timing only)", seed=spec.seed)
+        save(path, tensors, meta)
+        dist.send(flag, 1)
+    else:
+        dist.recv(flag, 0)
+    return dataclasses.replace(spec.quant, calibration=str(path))
+
+
+def _run_worker(rank: int, specs: list[ServeSpec], master_port: int, log_dir: str) -> None:
+    """Runs `worker`; any failure becomes one line in <log_dir>/error_<name>.txt and exit code 1."""
     try:
-        worker(rank, spec, master_port)
+        worker(rank, specs, master_port)
     except BaseException as e:  # noqa: BLE001 - everything must reach the launcher as one line
         line = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, HackError):
             line = f"{type(e).__name__}: {line}"
             traceback.print_exc()
-        Path(spec.run_dir, f"error_{NAMES[rank]}.txt").write_text(line + "\n")
+        Path(log_dir, f"error_{NAMES[rank]}.txt").write_text(line + "\n")
         sys.stderr.flush()
         os._exit(1)
 
@@ -177,16 +222,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: ServeSpec, timeout_s: float | None = None) -> None:
-    """Run both workers here and wait. Raises HackError naming the worker that failed and why."""
+def launch(specs: list[ServeSpec], log_dir, timeout_s: float | None = None) -> None:
+    """Run both workers here, serving `specs` in turn, and wait. Raises HackError naming the worker that failed
+    and why (its one line is also in <log_dir>/error_<worker>.txt)."""
     import torch.multiprocessing as mp
 
-    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
     for name in NAMES:
-        Path(spec.run_dir, f"error_{name}.txt").unlink(missing_ok=True)
+        Path(log_dir, f"error_{name}.txt").unlink(missing_ok=True)
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_run_worker, args=(rank, spec, port), name=f"hack-{NAMES[rank]}")
+    procs = [ctx.Process(target=_run_worker, args=(rank, specs, port, str(log_dir)), name=f"hack-{NAMES[rank]}")
              for rank in range(2)]
     for p in procs:
         p.start()
@@ -195,13 +242,13 @@ def launch(spec: ServeSpec, timeout_s: float | None = None) -> None:
         while any(p.exitcode is None for p in procs):
             for rank, p in enumerate(procs):
                 if p.exitcode not in (None, 0):
-                    raise HackError(f"{NAMES[rank]} worker failed: {_reason(spec, rank, p.exitcode)}")
+                    raise HackError(f"{NAMES[rank]} worker failed: {_reason(log_dir, rank, p.exitcode)}")
             if deadline is not None and time.monotonic() > deadline:
                 raise HackError(f"bench jct did not finish within {timeout_s:.0f} s (jct.timeout_s)")
             time.sleep(0.1)
         for rank, p in enumerate(procs):
             if p.exitcode != 0:
-                raise HackError(f"{NAMES[rank]} worker failed: {_reason(spec, rank, p.exitcode)}")
+                raise HackError(f"{NAMES[rank]} worker failed: {_reason(log_dir, rank, p.exitcode)}")
     finally:
         for p in procs:
             if p.exitcode is None:
@@ -213,17 +260,18 @@ def launch(spec: ServeSpec, timeout_s: float | None = None) -> None:
                 p.join()
 
 
-def _reason(spec: ServeSpec, rank: int, code: int) -> str:
-    err = Path(spec.run_dir, f"error_{NAMES[rank]}.txt")
+def _reason(log_dir, rank: int, code: int) -> str:
+    err = Path(log_dir, f"error_{NAMES[rank]}.txt")
     if err.exists():
         return err.read_text().strip()
     return f"died with exit code {code}" if code > 0 else f"killed by signal {-code}"
 
 
-def write_spec(spec: ServeSpec, path) -> None:
-    Path(path).write_bytes(pickle.dumps(spec))
+def write_specs(specs: list[ServeSpec], path) -> None:
+    Path(path).write_bytes(pickle.dumps(list(specs)))
 
 
-if __name__ == "__main__":  # torchrun entry: python -m hack_cli.serve.workers <spec.pkl>
-    _spec = pickle.loads(Path(sys.argv[1]).read_bytes())
-    _run_worker(int(os.environ["RANK"]), _spec, int(os.environ.get("MASTER_PORT", 29511)))
+if __name__ == "__main__":  # torchrun entry: python -m hack_cli.serve.workers <specs.pkl>
+    _specs = pickle.loads(Path(sys.argv[1]).read_bytes())
+    _run_worker(int(os.environ["RANK"]), _specs, int(os.environ.get("MASTER_PORT", 29511)),
+                str(Path(sys.argv[1]).parent))

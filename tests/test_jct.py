@@ -1,0 +1,112 @@
+"""`hack bench jct` on the CPU: the link's pacing, payload packing, and real two-process runs of every method
+(phases add up to each request's JCT, bytes and transfer times are physical, outputs match local generation),
+and faults (a dead prefill worker, a stalled link) ending the run with one clear line, finished rows kept."""
+import json
+import time
+
+import pytest
+import torch
+
+from hack_cli.config import ClusterConfig, TraceConfig
+from hack_cli.errors import HackError
+from hack_cli.hf.models import model_config
+from hack_cli.methods import METHODS, quant_schema
+from hack_cli.serve.bench import JctConfig, serve
+from hack_cli.serve.link import Pacer, pack_payload, unpack_payload
+from hack_cli.serve.metrics import PHASES, read_per_request_csv
+from hack_cli.serve.workers import ServeSpec
+
+BANDWIDTH_GBPS = 0.02  # slow enough that a tiny model's payload takes measurable time (~25 ms)
+
+
+def test_pacer_holds_the_rate():
+    pacer = Pacer(0.08)  # 10 MB/s
+    t0 = time.monotonic()
+    for _ in range(20):
+        pacer.release(50_000)
+    elapsed = time.monotonic() - t0
+    assert 0.1 <= elapsed < 0.12  # 1 MB at 10 MB/s; deadlines are absolute, so sleep jitter does not add up
+    time.sleep(0.05)  # an idle link does not bank credit
+    t1 = time.monotonic()
+    pacer.release(100_000)
+    assert 0.01 <= time.monotonic() - t1 < 0.02
+
+
+def test_pack_unpack_exact():
+    layers = [{"codes": torch.randint(0, 255, (2, 3, 5), dtype=torch.uint8), "mn": torch.randn(2, 7).half()},
+              {"k": torch.randn(3, 4, dtype=torch.bfloat16), "n": torch.arange(5)}]
+    buf, manifest = pack_payload(layers)
+    assert buf.dtype == torch.uint8 and buf.numel() == sum(t.nbytes for d in layers for t in d.values())
+    back = unpack_payload(buf, manifest, 2)
+    for a, b in zip(layers, back):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def spec_for(method, run_dir, **jct):
+    return ServeSpec(model=model_config("tiny"), quant=quant_schema(method)(name=method),
+                     cluster=ClusterConfig(bandwidth_gbps=BANDWIDTH_GBPS, decode_kv_budget_gb=1.0),
+                     trace=TraceConfig(num_requests=6, rate=4.0, warmup=1, prompt_len=[160, 256]),
+                     jct=JctConfig(kvquant_random_calibration=True, **jct),
+                     run_dir=str(run_dir))
+
+
+FP16_BYTES_PER_TOKEN = 2 * 2 * 2 * 32 * 2  # tiny: layers x (K, V) x kv heads x head_dim x 2 bytes
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_real_run_phases_add_up(method, tmp_path):
+    summary = serve(spec_for(method, tmp_path, save_tokens=True))
+    records = read_per_request_csv(tmp_path / "per_request.csv")
+    assert sorted(r.rid for r in records) == list(range(6))
+    for r in records:
+        phases = [r.phase(p) for p in PHASES]
+        assert sum(phases) == pytest.approx(r.jct, abs=1e-9)
+        assert min(phases) > -1e-3  # cross-process timestamps agree to the clock sync's precision
+        wire_s = r.bytes_sent * 8 / (BANDWIDTH_GBPS * 1e9)
+        assert wire_s * 0.98 <= r.phase("transfer") < wire_s + 0.05  # the pacer, not loopback TCP, sets the time
+        if method == "fp16":
+            assert r.payload_bytes == FP16_BYTES_PER_TOKEN * r.prompt_len
+        else:  # every other method sends less than 16-bit KV
+            assert r.payload_bytes < FP16_BYTES_PER_TOKEN * r.prompt_len
+        assert r.kv_reserved_bytes >= r.payload_bytes
+    assert summary["num_measured"] == 5 and summary["simulated"] is False
+    for key in ("jct_mean", "jct_p99", "ttft_mean", "tpot_mean", "bytes_sent", "peak_decode_kv_bytes"):
+        assert summary[key] > 0
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["jct_mean"] == pytest.approx(summary["jct_mean"])
+    tokens = {row["rid"]: row["tokens"] for row in map(json.loads, (tmp_path / "tokens.jsonl").open())}
+    assert all(len(tokens[r.rid]) == r.output_len for r in records)
+    if method == "fp16":  # the disaggregated, continuously batched decode produces what local decoding does
+        assert_matches_local_generation(tokens, records)
+
+
+def assert_matches_local_generation(tokens, records):
+    from hack_cli.hf import generate, make_method
+    from hack_cli.serve.prefill import prompt_ids
+    from hack_cli.serve.workers import build_model
+
+    model = build_model(model_config("tiny"), torch.device("cpu"))
+    r = records[0]
+    ids = prompt_ids(0, r.rid, r.prompt_len, model.config.vocab_size, "cpu")
+    out = generate(model, make_method("fp16"), ids, max_new_tokens=r.output_len)
+    assert out[0, r.prompt_len:].tolist() == tokens[r.rid]
+
+
+def test_dead_prefill_worker_ends_run_and_keeps_rows(tmp_path):
+    spec = spec_for("fp16", tmp_path, fault="kill_prefill", fault_at=2, stall_timeout_s=30)
+    spec.trace.rate = 2.0
+    t0 = time.monotonic()
+    with pytest.raises(HackError, match=r"^prefill worker failed: died with exit code 3$"):
+        serve(spec)
+    assert time.monotonic() - t0 < 30  # noticed at once, not after the stall timeout
+    rids = [r.rid for r in read_per_request_csv(tmp_path / "per_request.csv")]
+    assert 1 <= len(rids) <= 3 and 0 in rids
+
+
+def test_stalled_link_ends_run_within_timeout(tmp_path):
+    spec = spec_for("fp16", tmp_path, fault="stall_link", fault_at=1, stall_timeout_s=3)
+    spec.trace.rate = 2.0
+    with pytest.raises(HackError, match=r"decode worker failed: the link stalled while receiving request 1: "
+                                        r"no data for 3 s"):
+        serve(spec)
+    assert [r.rid for r in read_per_request_csv(tmp_path / "per_request.csv")] == [0]
