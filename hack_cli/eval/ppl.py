@@ -17,7 +17,7 @@ from hack_cli.config import ConfigError, check_positive
 @dataclass
 class PplConfig:
     context_len: int = 2048  # tokens prefilled into the compressed cache
-    score_len: int = 256  # tokens scored through decode steps
+    score_len: int = 128  # tokens scored through decode steps
     windows: int = 8  # windows spread evenly over the text
     batch_size: int = 4
     device: str = "auto"  # auto (cuda if present) | cpu | cuda[:N]
@@ -85,17 +85,18 @@ def run(job) -> dict:
     for batch in job.progress(batches, total=len(batches), desc=f"ppl {method.name}"):
         ids = torch.stack([x for _, x in batch]).to(device)  # (B, L)
         nll, sent, stored = score_batch(model, method, ids, cfg.context_len)
-        dense_sent = fp16_bytes(len(batch) * cfg.context_len, tc.num_key_value_heads, head_dim)
-        dense_stored = fp16_bytes(ids.numel(), tc.num_key_value_heads, head_dim)
+        layers = tc.num_hidden_layers
+        dense_sent = layers * fp16_bytes(len(batch) * cfg.context_len, tc.num_key_value_heads, head_dim)
+        dense_stored = layers * fp16_bytes(ids.numel(), tc.num_key_value_heads, head_dim)
         for j, (w, _) in enumerate(batch):  # byte counts are per batch; each window gets its share
             rows.write({"key": w, "nll": float(nll[j]), "tokens": cfg.score_len,
                         **{f"sent_{k}": v / len(batch) for k, v in sent.as_dict().items()},
                         "sent_fp16_equiv": dense_sent / len(batch), "stored_total": stored.total / len(batch),
                         "stored_fp16_equiv": dense_stored / len(batch)})
-    return summarize(rows.read(), tc.num_hidden_layers)
+    return summarize(rows.rows)
 
 
-def summarize(rows: list[dict], num_layers: int) -> dict:
+def summarize(rows: list[dict]) -> dict:
     total = lambda k: sum(r[k] for r in rows)
     tokens, sent = total("tokens"), total("sent_total")
     out = {"ppl": math.exp(total("nll") / tokens), "tokens": tokens, "windows": len(rows),
