@@ -65,34 +65,42 @@ def measure_prompt(model, method, device: torch.device, L: int, repeats: int) ->
     return row
 
 
-def _request_stores(method, layers: int, kv_heads: int, head_dim: int, C: int, device, dtype) -> list:
-    """One request's decode-side stores holding C tokens of random (finite, unit-scale) K/V."""
-    stores = []
-    for layer in range(layers):
-        store = method.new_layer(layer, layers, 1, kv_heads, head_dim, device, dtype)
-        k, v = (torch.randn(1, kv_heads, C, head_dim, device=device, dtype=dtype) for _ in "kv")  # (1, H, C, D)
-        store.append(k, v)
-        stores.append(store)
-    return stores
+def _copy(stores: list, install: Callable) -> list:
+    """An independent copy of one request's stores (a fresh install where a store cannot be deep-copied)."""
+    try:
+        return copy.deepcopy(stores)
+    except (TypeError, RuntimeError):
+        return install()
 
 
 @torch.no_grad()
-def measure_decode(model, method, device: torch.device, C: int, batches: list[int], steps: int) -> list[dict]:
-    """Decode iteration time of batches of B requests, each with C tokens of context (copies of one request)."""
+def measure_decode(model, method, device: torch.device, C: int, batches: list[int], steps: int,
+                   payload_method=None) -> list[dict]:
+    """Decode iteration time of batches of B requests with C tokens of context each: one real prompt of C tokens
+    prefilled (by `payload_method`, default `method`), exported and installed as the decode side does, then copied
+    B times."""
     from hack_cli.serve.decode import Active, DecodeEngine
+    from hack_cli.serve.link import pack_payload
     from hack_cli.serve.metrics import RequestRecord
+    from hack_cli.serve.prefill import export_payload, prefill_payload, prompt_ids
 
     engine = DecodeEngine(model, method, device, float("inf"), _NoWriter(), time.monotonic())
-    base = _request_stores(method, engine.layers, engine.kv_heads, engine.head_dim, C, device, engine.dtype)
+    ids = prompt_ids(0, C, C, model.config.get_text_config().vocab_size, device)
+    cache, first = prefill_payload(model, payload_method or method, ids)
+    payload, manifest = pack_payload(export_payload(cache))
+    del cache
+    install = lambda: engine.install(manifest, payload)  # noqa: E731
+    base = install()
+    copies = [base] + [_copy(base, install) for _ in range(max(batches) - 1)]
     rows = []
-    for B in batches:
-        engine.active = [Active(record=RequestRecord(-1, C, 10 ** 9, True, 0.0), stores=copy.deepcopy(base),
-                                token=1, pos=C, left=10 ** 9, tokens=[]) for _ in range(B)]
+    for B in sorted(batches):
+        engine.active = [Active(record=RequestRecord(-1, C, 10 ** 9, True, 0.0), stores=copies[i], token=first,
+                                pos=C, left=10 ** 9, tokens=[]) for i in range(B)]
         engine.step()  # warm: this batch shape's kernels and allocations
         times = [timed(engine.step, device)[0] for _ in range(steps)]
         rows.append({"B": B, "C": C * B, "C_each": C, "decode": statistics.median(times)})
-        engine.active = []
-    del base
+    engine.active = []
+    del copies, base
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows

@@ -47,6 +47,7 @@ class ProfileConfig:
     label: Optional[str] = None  # the method's name in the profile (default quant.name), e.g. hack_v1
     out: Optional[str] = None  # profile file (default results/profiles/<card>_<model>.json); merged into
     time_budget_s: float = 0.0  # stop measuring new points after this many seconds (0: no limit)
+    quantized_prefill_max_len: int = 4096  # homomorphic prefill (reference) materializes L x L scores: cap L
 
     def __post_init__(self):
         for key in ("lengths", "contexts", "batches"):
@@ -122,8 +123,9 @@ def find_profile(model: str, path: Optional[str] = None, local: bool = False, di
 
 
 def method_entry(profile: dict, quant: dict) -> tuple[str, dict]:
-    """(label, entry) of the profiled method whose quant config equals `quant` (seed and backend aside)."""
-    ignore = ("seed", "backend")
+    """(label, entry) of the profiled method whose quant config equals `quant` (seed, backend and calibration
+    data aside: they do not change the costs)."""
+    ignore = ("seed", "backend", "calibration")
     want = {k: v for k, v in quant.items() if k not in ignore}
     for label, entry in profile["methods"].items():
         if {k: v for k, v in entry["quant"].items() if k not in ignore} == want:
@@ -179,17 +181,26 @@ def profile_method(model, method, device, cfg: ProfileConfig, deadline: float, l
     """Measure and fit one method; None if the time budget ran out before enough points."""
     from hack_cli.sim.measure import measure_decode, measure_prompt
 
-    measure_prompt(model, method, device, min(cfg.lengths), 1)  # warm-up: kernels, allocator
+    lengths = sorted(cfg.lengths)
+    if method.quantized_prefill:
+        lengths = [L for L in lengths if L <= cfg.quantized_prefill_max_len]
+    measure_prompt(model, method, device, lengths[0], 1)  # warm-up: kernels, allocator
     prompt, decode = [], []
-    for L in sorted(cfg.lengths):
+    for L in lengths:
         if time.monotonic() > deadline:
             break
         prompt.append(measure_prompt(model, method, device, L, cfg.repeats))
         log(f"  {method.name} L={L}: " + ", ".join(f"{k}={prompt[-1][k]:.4f}s" for k in ("prefill", "compress", "install")))
+    # What decode holds does not depend on how prefill attended: long contexts are prefilled with 16-bit attention.
+    payload_method = None
+    if method.quantized_prefill:
+        from hack_cli.methods import build_method
+
+        payload_method = build_method(dataclasses.replace(method.config, quantized_prefill=False))
     for C in sorted(cfg.contexts):
         if time.monotonic() > deadline:
             break
-        decode += measure_decode(model, method, device, C, sorted(cfg.batches), cfg.decode_steps)
+        decode += measure_decode(model, method, device, C, sorted(cfg.batches), cfg.decode_steps, payload_method)
         log(f"  {method.name} C={C}: " + ", ".join(f"B={r['B']}:{r['decode']:.4f}s" for r in decode if r["C_each"] == C))
     if len(prompt) < 3 or len(decode) < 3:
         return None
@@ -200,8 +211,32 @@ def profile_method(model, method, device, cfg: ProfileConfig, deadline: float, l
                       "stored": [r["stored"] for r in prompt], "header": int(np.mean([r["header"] for r in prompt]))}}
 
 
-def profile_all(mc, methods: list[tuple[str, object]], device, cfg: ProfileConfig, log=print) -> tuple[Path, dict]:
-    """Profile every (label, method) on one model; returns the profile path and the labels' fit errors."""
+def random_calibration(quant, model, directory: Path):
+    """KVQuant levels fitted on random tokens, as `hack bench jct jct.kvquant_random_calibration=true` does for
+    random-weight timing runs (values do not matter for timing)."""
+    import torch
+
+    from hack_cli.hf.attention import NAME
+    from hack_cli.methods.kvquant_calib import fit, save
+    from hack_cli.serve.prefill import prompt_ids
+
+    vocab = model.config.get_text_config().vocab_size
+    seqs = torch.cat([prompt_ids(0, -2 - i, 512, vocab, "cpu") for i in range(2)])  # (2, 512)
+    model.set_attn_implementation("sdpa")  # calibration reads a plain DynamicCache
+    try:
+        tensors, meta = fit(model, seqs, quant.bits, quant.outlier_fraction, 1, iters=20)
+    finally:
+        model.set_attn_implementation(NAME)
+    path = directory / "kvquant_random_calibration.safetensors"
+    save(path, tensors, meta)
+    return dataclasses.replace(quant, calibration=str(path))
+
+
+def profile_all(mc, quants: list[tuple[str, object]], device, cfg: ProfileConfig, log=print) -> tuple[Path, dict]:
+    """Profile every (label, quant config) on one model; returns the profile path and the labels' fit errors."""
+    import tempfile
+
+    from hack_cli.methods import build_method
     from hack_cli.serve.workers import build_model
 
     start = time.monotonic()
@@ -210,10 +245,23 @@ def profile_all(mc, methods: list[tuple[str, object]], device, cfg: ProfileConfi
     card, device_name = card_of(device)
     header = model_header(mc, model, card, device_name)
     path = Path(cfg.out) if cfg.out else default_path(card, mc.name)
-    errors = {}
-    for label, method in methods:
+    errors, scratch = {}, Path(tempfile.mkdtemp(prefix="hack_profile_"))
+    for label, quant in quants:
+        if time.monotonic() > deadline:
+            log(f"  {label}: time budget spent; not profiled")
+            continue
         log(f"profiling {label} on {device_name} ({time.monotonic() - start:.0f}s elapsed)")
-        entry = profile_method(model, method, device, cfg, deadline, log)
+        try:
+            if quant.name == "kvquant" and quant.calibration is None:
+                quant = random_calibration(quant, model, scratch)
+            entry = profile_method(model, build_method(quant), device, cfg, deadline, log)
+        except Exception as e:  # noqa: BLE001 - one method's failure (e.g. out of memory) must not lose the others
+            log(f"  {label}: failed, not saved: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+            continue
         if entry is None:
             log(f"  {label}: time budget spent before enough points; not saved")
             continue
@@ -233,13 +281,11 @@ def pick_device(name: str):
 # ---------------------------------------------------------------------------------------------- entry points
 def run(job) -> dict:
     """`hack bench profile`: profile `quant` on `model` and merge it into the profile file."""
-    from hack_cli.methods import build_method
-
     cfg: ProfileConfig = job.typed["profile"]
     quant = job.typed["quant"]
     label = cfg.label or quant.name
     device = pick_device(job.typed["cluster"].prefill_device)
-    path, errors = profile_all(job.typed["model"], [(label, build_method(quant))], device, cfg)
+    path, errors = profile_all(job.typed["model"], [(label, quant)], device, cfg)
     if label not in errors:
         raise HackError(f"profile.time_budget_s={cfg.time_budget_s} ran out before {label} had enough points")
     return {"profile": str(path), **{f"max_rel_err_{p}": e for p, e in errors[label].items()}}
@@ -254,11 +300,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     import yaml
 
     from hack_cli.config import ModelConfig
-    from hack_cli.methods import build_method, quant_schema
+    from hack_cli.methods import quant_schema
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="conf/model/<name>.yaml (profiled with random weights)")
-    p.add_argument("--methods", default="fp16,hack", help="conf/quant presets, comma-separated (label = preset)")
+    p.add_argument("--methods", default="fp16,hack",
+                   help="conf/quant presets, comma-separated, each with optional overrides: hack:partition=32")
     p.add_argument("--device", default="auto")
     defaults = ProfileConfig()
     p.add_argument("--lengths", type=_ints, default=defaults.lengths)
@@ -267,17 +314,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--decode-steps", type=int, default=defaults.decode_steps)
     p.add_argument("--repeats", type=int, default=defaults.repeats)
     p.add_argument("--time-budget", type=float, default=0.0)
+    p.add_argument("--quantized-prefill-max-len", type=int, default=defaults.quantized_prefill_max_len)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     conf = REPO / "conf"
     raw = yaml.safe_load((conf / "model" / f"{a.model}.yaml").read_text())
     mc = ModelConfig(**{**raw, "weights": "random"})
-    methods = []
-    for preset in a.methods.split(","):
-        fields = yaml.safe_load((conf / "quant" / f"{preset}.yaml").read_text())
-        methods.append((preset, build_method(quant_schema(fields["name"])(**fields))))
-    cfg = ProfileConfig(a.lengths, a.contexts, a.batches, a.decode_steps, a.repeats, None, a.out, a.time_budget)
-    path, errors = profile_all(mc, methods, pick_device(a.device), cfg)
+    quants = []
+    for spec in a.methods.split(","):
+        preset, *overrides = spec.split(":")
+        path = conf / "quant" / f"{preset}.yaml"
+        fields = yaml.safe_load(path.read_text()) if path.exists() else {"name": preset}  # schema defaults
+        fields.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
+        label = "_".join([preset, *(o.replace("=", "") for o in overrides)])
+        quants.append((label, quant_schema(fields["name"])(**fields)))
+    cfg = ProfileConfig(a.lengths, a.contexts, a.batches, a.decode_steps, a.repeats, None, a.out, a.time_budget,
+                        a.quantized_prefill_max_len)
+    path, errors = profile_all(mc, quants, pick_device(a.device), cfg)
     print(json.dumps({"profile": str(path), "max_rel_err": errors}, indent=1))
 
 
