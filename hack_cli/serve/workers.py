@@ -169,6 +169,7 @@ def serve_one(rank: int, spec: ServeSpec, model, device, wire) -> None:
         writer.close()
     receiver.thread.join(jct.stall_timeout_s)  # the end marker follows the last payload
     (run_dir / "done").touch()
+    print(f"[bench jct] {run_dir.name}: {engine.done} requests served by {engine.now():.1f} s", flush=True)
 
 
 def random_kvquant_calibration(rank: int, spec: ServeSpec, model, wire):
