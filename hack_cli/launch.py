@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -121,9 +122,21 @@ def _one_line(e: Exception) -> str:
     return ": ".join(lines[:2])
 
 
+@contextmanager
+def _one_line_errors():
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException) as e:
+        raise HackError(_one_line(e)) from None
+
+
 def _compose(command: str, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
+    register_schemas(command)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(command, overrides=overrides, return_hydra_config=True)
 
@@ -135,12 +148,13 @@ def expand(command: str, overrides: list[str], multirun: bool) -> list[list[str]
 
     if not multirun:
         return [overrides]
-    parser = OverridesParser.create(config_loader=_loader())  # glob() sweeps list a group's options through it
-    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
-    # Like the basic sweeper: sweep params set in a config (experiment bundles) first, the command line after.
-    params = _compose(command, fixed).hydra.sweeper.get("params") or {}
-    parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    with _one_line_errors():
+        parser = OverridesParser.create(config_loader=_loader())  # glob() sweeps list a group's options with it
+        fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+        # Like the basic sweeper: sweep params set in a config (experiment bundles) first, the command line after.
+        params = _compose(command, fixed).hydra.sweeper.get("params") or {}
+        parsed = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def _loader():
@@ -159,20 +173,14 @@ def swept_keys(jobs: list[list[str]]) -> list[str]:
 def check(command: str, overrides: list[str], multirun: bool) -> list[tuple[list[str], dict]]:
     """Compose and validate every job of the command: (its overrides, its typed config) per job, in job order.
     Raises HackError (one line) at the first bad one. Hydra's own overrides (launcher, sweeper) compose too."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    register_schemas(command)
-    try:
-        checked = []
-        for job in expand(command, overrides, multirun):
+    checked = []
+    for job in expand(command, overrides, multirun):
+        with _one_line_errors():
             cfg = _compose(command, job)
             with open_dict(cfg):
                 del cfg["hydra"]
             checked.append((job, validate(cfg)))
-        return checked
-    except (HydraException, OmegaConfBaseException) as e:
-        raise HackError(_one_line(e)) from None
+    return checked
 
 
 # ---------------------------------------------------------------------------------------------- launching

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from hack_cli.config import GROUP_SCHEMAS, ModelConfig, package_path
 from hack_cli.errors import ConfigError, HackError
-from hack_cli.launch import COMMANDS, CONF_DIR, check
+from hack_cli.launch import COMMANDS, CONF_DIR, check, expand
 
 # A command whose primary config has each group, to compose that group's options in.
 HOST = {"model": "eval_ppl", "quant": "eval_ppl", "dataset": "eval_ppl", "logging": "eval_ppl",
@@ -39,7 +39,9 @@ def test_every_group_option_composes_and_validates(group, option):
 def test_every_experiment_bundle_composes_for_some_command(bundle):
     for command in COMMANDS:
         try:
-            check(command, [f"experiment={bundle}"], True)
+            jobs = expand(command, [f"experiment={bundle}"], True)  # with the sweep the bundle defines
+            for job in (jobs[0], jobs[-1]):  # every job would be thorough; the ends catch a bad sweep value
+                check(command, job, False)
             return
         except HackError:
             continue
