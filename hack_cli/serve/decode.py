@@ -110,7 +110,7 @@ class DecodeEngine:
                             prefill_start=h[H_PREFILL_START] - self.t0, prefill_end=h[H_PREFILL_END] - self.t0,
                             compress_end=h[H_COMPRESS_END] - self.t0, send_start=h[H_SEND_START] - self.t0,
                             recv_end=recv_end - self.t0, payload_bytes=int(h[H_PAYLOAD_BYTES]),
-                            bytes_sent=int(h[H_PAYLOAD_BYTES] + h[H_MANIFEST_BYTES]) + 2 * HEADER_LEN * 8)
+                            bytes_sent=int(h[H_PAYLOAD_BYTES] + h[H_MANIFEST_BYTES]) + HEADER_LEN * 8)
         rec.kv_reserved_bytes = math.ceil(rec.payload_bytes * (rec.prompt_len + rec.output_len) / rec.prompt_len)
         self.waiting.append((rec, manifest, payload, int(h[H_FIRST_TOKEN])))
 
