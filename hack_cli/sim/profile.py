@@ -150,10 +150,11 @@ def versions(device) -> dict:
 
     out["transformers"] = transformers.__version__
     try:
-        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                       timeout=10).stdout.strip() or None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
     except OSError:
-        out["commit"] = None
+        commit = ""
+    out["commit"] = commit if len(commit) == 40 else None  # a copy of the tree without its history has none
     out["device"] = str(device)
     return out
 
