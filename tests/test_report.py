@@ -11,6 +11,7 @@ from hack_cli.config import ClusterConfig, ModelConfig, TraceConfig
 from hack_cli.methods import quant_schema
 from hack_cli.report.build import build
 from hack_cli.sim.engine import run_sim
+from hack_cli.sim.validate import simulate_twins
 
 LLAMA8B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}
@@ -76,12 +77,13 @@ def make_results(root: Path) -> None:
     for i, label in enumerate(("fp16", "hack")):
         for j, bw in enumerate((1.0, 10.0, 50.0)):
             sim_run(root / "sim" / "bandwidth" / f"{i}{j}", profile, label, bandwidth_gbps=bw)
-        # a "measured" run and its simulated twin on the profiled card (the twin's JCT, perturbed by 5%)
-        twin = sim_run(root / "sim" / "validation" / str(i), profile, label, prefill_gpu="h100", decode_gpu="h100")
+        # a "measured" run on the profiled card (a simulation, its mean JCT made 5% longer), replayed by
+        # simulate_twins
         real = root / "jct" / "long" / label
-        real.mkdir(parents=True)
-        (real / "summary.json").write_text(json.dumps({**twin, "simulated": False, "jct_mean": twin["jct_mean"] * 1.05}))
-        (real / "config.yaml").write_text((root / "sim" / "validation" / str(i) / "config.yaml").read_text())
+        summary = sim_run(real, profile, label, prefill_gpu="h100", decode_gpu="h100")
+        (real / "summary.json").write_text(json.dumps({**summary, "simulated": False,
+                                                       "jct_mean": summary["jct_mean"] * 1.05}))
+    assert simulate_twins(root, profile) == 2
     acc = root / "accuracy" / "essays"
     acc.mkdir(parents=True)
     (acc / "accuracy_table.csv").write_text("task,method,score,n,diff,ci95\nqa,fp16,50.0,20,,\n"

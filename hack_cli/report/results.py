@@ -54,7 +54,8 @@ def _run_row(results: Path, path: Path, simulated_dir: bool) -> dict:
            "budget_gb": summary.get("decode_kv_budget_gb", cluster.get("decode_kv_budget_gb")),
            "prefill_gpu": summary.get("prefill_gpu", cluster.get("prefill_gpu")),
            "decode_gpu": summary.get("decode_gpu", cluster.get("decode_gpu")),
-           "card": summary.get("card") or summary.get("profile_card") or cluster.get("prefill_gpu")}
+           "card": summary.get("card") or summary.get("profile_card") or cluster.get("prefill_gpu"),
+           "measured_run": summary.get("measured_run")}  # a simulated twin's measured run (validation)
     row.update({k: summary.get(k) for k in METRICS})
     return row
 
@@ -66,7 +67,7 @@ def load_runs(results: Path) -> pd.DataFrame:
         for path in sorted((results / sub).rglob("summary.json")):
             rows.append(_run_row(results, path, simulated))
     columns = ["bundle", "dir", "simulated", "method", "partition", "model", "trace", "rate", "bandwidth_gbps",
-               "budget_gb", "prefill_gpu", "decode_gpu", "card", *METRICS]
+               "budget_gb", "prefill_gpu", "decode_gpu", "card", "measured_run", *METRICS]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -60,7 +60,7 @@ def measure_prompt(model, method, device: torch.device, L: int, repeats: int) ->
         times["install"].append(t)
     row = {"L": L, **{k: statistics.median(v) for k, v in times.items()}}
     row["payload"] = int(payload.numel())
-    row["header"] = len(pickle.dumps(manifest)) + 2 * HEADER_LEN * 8  # what travels besides the payload
+    row["header"] = len(pickle.dumps(manifest)) + HEADER_LEN * 8  # what travels besides the payload
     row["stored"] = int(sum(s.stored_bytes().total for s in stores))
     return row
 

@@ -1,18 +1,20 @@
 """Simulated vs measured JCT on the card the profile was taken on: `results/sim/validation.md`.
 
-Pairs every measured run (`results/jct/**`) with the simulated run of the same setting in
-`results/sim/validation/**` (method, model, trace, rate, bandwidth, budget, number of requests).
+For every measured run (`results/jct/**/summary.json` with its `per_request.csv`), the simulator replays the very
+same requests (arrival, prompt and output lengths, warm-up flags) with the same method, link bandwidth and decode
+budget, on the profiled card itself (no scaling), into `results/sim/validation/<same path>/`; the table pairs
+each measured run with its twin.
 
-    python -m hack_cli.sim.validate [results]
+    python -m hack_cli.sim.validate [--results results] [--profile results/profiles/h100_llama31_8b.json]
 """
 from __future__ import annotations
 
-import sys
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
 
-KEYS = ["method", "model", "trace", "rate", "bandwidth_gbps", "budget_gb", "num_requests"]
+KEYS = ["method", "model", "trace", "rate", "bandwidth_gbps", "budget_gb", "num_requests", "card"]
 TOLERANCE = 0.10  # the issue's target: mean JCT within 10%
 
 
@@ -23,7 +25,8 @@ def validation_table(results) -> pd.DataFrame:
     if real.empty or sim.empty:
         return pd.DataFrame(columns=[*KEYS, "measured_jct", "simulated_jct", "error"])
     cols = ["jct_mean", "jct_p99", "ttft_mean", "transfer_mean", "decode_mean", "queue_decode_mean"]
-    both = real[KEYS + cols].merge(sim[KEYS + cols], on=KEYS, suffixes=("_real", "_sim"))
+    both = real[["dir"] + KEYS + cols].merge(sim[["measured_run"] + cols], left_on="dir", right_on="measured_run",
+                                             suffixes=("_real", "_sim"))
     both = both.rename(columns={"jct_mean_real": "measured_jct", "jct_mean_sim": "simulated_jct"})
     both["error"] = both["simulated_jct"] / both["measured_jct"] - 1
     return both.sort_values(["trace", "rate", "bandwidth_gbps", "method"]).reset_index(drop=True)
@@ -32,8 +35,7 @@ def validation_table(results) -> pd.DataFrame:
 def to_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return ("No measured run has a simulated twin yet: measured runs come from `hack bench jct` on 2 GPUs "
-                "(results/jct/), their twins from `hack bench jct -m experiment=sim_validation` "
-                "(results/sim/validation/).\n")
+                "(results/jct/), their twins from `python -m hack_cli.sim.validate` (results/sim/validation/).\n")
     lines = ["| method | trace | rate | Gbit/s | budget GB | n | measured JCT (s) | simulated JCT (s) | error | "
              "P99 meas/sim (s) | TTFT meas/sim (s) | within 10% |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -49,10 +51,61 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def simulate_twins(root: Path, profile_path: Path) -> int:
+    """Write the simulated twin of every measured run; returns how many."""
+    import json
+
+    import yaml
+
+    from hack_cli.methods import quant_schema
+    from hack_cli.serve.metrics import read_per_request_csv, summarize, write_per_request_csv, write_summary
+    from hack_cli.serve.trace import Request
+    from hack_cli.sim.engine import simulate
+    from hack_cli.sim.profile import REPO, load_profile, method_entry
+    from hack_cli.sim.roofline import Costs
+
+    profile = load_profile(profile_path)
+    card = profile["card"]
+    count = 0
+    for path in sorted((root / "jct").rglob("summary.json")):
+        real = json.loads(path.read_text())
+        csv_path = path.parent / "per_request.csv"
+        if real.get("simulated") or not csv_path.exists() or real.get("model") != profile["model"]["name"]:
+            continue
+        records = read_per_request_csv(csv_path)
+        requests = [Request(r.rid, r.arrival, r.prompt_len, r.output_len) for r in sorted(records, key=lambda r: r.rid)]
+        warmup = sum(r.warmup for r in records)
+        quant_file = REPO / "conf" / "quant" / f"{real['method']}.yaml"
+        quant = yaml.safe_load(quant_file.read_text()) if quant_file.exists() else {"name": real["method"]}
+        quant = dataclasses.asdict(quant_schema(quant["name"])(**quant))
+        label, entry = method_entry(profile, quant)
+        costs = Costs(profile, entry, profile["model"]["architecture"], profile["model"]["dtype"], card, card,
+                      real["bandwidth_gbps"], real["decode_kv_budget_gb"])
+        sim = simulate(requests, costs, real["decode_kv_budget_gb"] * 1e9, warmup)
+        out = root / "sim" / "validation" / path.parent.relative_to(root / "jct")
+        out.mkdir(parents=True, exist_ok=True)
+        write_per_request_csv(out / "per_request.csv", sim)
+        summary = summarize(sim, warmup, simulated=True)
+        summary.update({k: real[k] for k in ("method", "model", "trace", "rate", "bandwidth_gbps",
+                                             "decode_kv_budget_gb") if k in real},
+                       method_label=label, profile_card=card, prefill_gpu=card, decode_gpu=card,
+                       measured_run=str(path.parent.relative_to(root)))
+        write_summary(out / "summary.json", summary)
+        count += 1
+    return count
+
+
 def main(argv=None) -> None:
+    import argparse
+
     from hack_cli.report.results import Results
 
-    root = Path((argv or sys.argv[1:] or ["results"])[0])
+    p = argparse.ArgumentParser(description="simulated twins of the measured JCT runs, and the comparison table")
+    p.add_argument("--results", default="results")
+    p.add_argument("--profile", default="results/profiles/h100_llama31_8b.json")
+    a = p.parse_args(argv)
+    root = Path(a.results)
+    print(f"simulated {simulate_twins(root, Path(a.profile))} measured runs")
     results = Results.load(root)
     text = "# Simulator validation: simulated vs measured mean JCT\n\n" + to_markdown(validation_table(results))
     (root / "sim").mkdir(parents=True, exist_ok=True)
