@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hack_cli.methods.base import key_mask
+from hack_cli.methods.hack.quantizer import unpack
 
 
 def sdpa_over(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos: torch.Tensor, key_ok: torch.Tensor,
@@ -31,3 +32,10 @@ def grow(t: torch.Tensor, need: int, dim: int = 2) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = max(need, 2 * have) - have
     return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """hack's `unpack` (..., N·b/8) -> (..., N), also for empty tensors (zero tokens stored yet)."""
+    if packed.numel() == 0:
+        return packed.new_zeros(*packed.shape[:-1], packed.shape[-1] * 8 // bits)
+    return unpack(packed, bits)

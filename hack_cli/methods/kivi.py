@@ -29,8 +29,8 @@ import torch
 from hack_cli.config import check_choice
 from hack_cli.errors import ConfigError, HackError
 from hack_cli.methods.base import Bytes, KVMethod, LayerKV, QuantConfig
-from hack_cli.methods.dequant import grow, sdpa_over
-from hack_cli.methods.hack.quantizer import pack, quantize, unpack
+from hack_cli.methods.dequant import grow, sdpa_over, unpack_codes
+from hack_cli.methods.hack.quantizer import pack, quantize
 
 
 @dataclass
@@ -54,11 +54,11 @@ class Config(QuantConfig):
 
 def dequantize_kv(k_codes, k_mn, k_scale, v_codes, v_mn, v_scale, bits: int, group: int, vgroup: int):
     """Stored tensors (layout in the module docstring) over n tokens -> K̂, V̂ (B, H, n, D) fp32."""
-    kc = unpack(k_codes, bits).float()  # (B, H, n, D)
+    kc = unpack_codes(k_codes, bits).float()  # (B, H, n, D)
     B, H, n, D = kc.shape
     kc = kc.reshape(B, H, n // group, group, D)
     k = (k_mn.float()[:, :, :, None] + k_scale.float()[:, :, :, None] * kc).reshape(B, H, n, D)
-    vc = unpack(v_codes, bits).float().reshape(B, H, n, D // vgroup, vgroup)
+    vc = unpack_codes(v_codes, bits).float().reshape(B, H, n, D // vgroup, vgroup)
     v = (v_mn.float()[..., None] + v_scale.float()[..., None] * vc).reshape(B, H, n, D)
     return k, v
 

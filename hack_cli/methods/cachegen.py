@@ -1,0 +1,270 @@
+"""CacheGen (Liu et al., SIGCOMM 2024): delta coding against anchor tokens, layer-wise levels, entropy coding.
+
+The prompt's KV (a sequence's first append: what the prefill instance computes and sends) is split into chunks
+of `chunk` tokens and groups of `group` tokens. Per chunk and channel (head h, dim d), symmetric max-abs scales:
+  * the group's first token, its anchor, gets 255 levels: â = scale_a · round(a / scale_a), |code| <= 127;
+  * every other token is coded as its delta to the reconstructed anchor with L levels, L from the layer's group
+    (three equal groups of layers: keys `key_levels`, values `value_levels`; layer 0 `first_layer_levels`).
+The symbols are then entropy-coded (ANS, `cachegen_codec`) per chunk: deltas with one frequency table per
+channel, anchors with one table per layer (a 255-entry table per channel would outweigh the chunk's ~150 anchors
+of that channel). The wire (`export_seq`, `transfer_bytes`) is that real byte string plus the uint8 tables, the
+fp16 scales and the stream lengths; the payload is encoded when first asked for and kept until the sequence
+changes. The receiver (`import_seq`) entropy-decodes back to the symbols.
+
+The store holds the symbols, not 16-bit values, and dequantizes before attention:
+  a_sym (B, H, cap/group, D) uint8        anchor symbols (code + 127)
+  d_sym (B, H, cap, D·b/8) uint8          delta symbols (code + (L-1)/2), packed at b = 2, 4 or 8 bits, the
+                                          smallest holding L; anchor slots hold the zero delta
+  a_scale, d_scale (B, H, cap/chunk, D) fp16
+  tail_k, tail_v (B, H, cap, D) 16-bit    tokens appended after the prompt
+CacheGen compresses only the transferred prompt KV: tokens generated on the decode side stay 16-bit (the tail).
+`bits` and `partition` are unused (levels are set per layer group, groups are `group` tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from hack_cli.errors import ConfigError, HackError
+from hack_cli.methods import cachegen_codec as codec
+from hack_cli.methods.base import Bytes, KVMethod, LayerKV, QuantConfig
+from hack_cli.methods.dequant import grow, sdpa_over, unpack_codes
+from hack_cli.methods.hack.quantizer import check_finite, pack
+
+ANCHOR_LEVELS = 255
+
+
+@dataclass
+class Config(QuantConfig):
+    name: str = "cachegen"
+    group: int = 10  # tokens per group: one anchor + deltas
+    chunk: int = 1500  # tokens per entropy-coding chunk (own scales and symbol statistics)
+    key_levels: list[int] = field(default_factory=lambda: [15, 15, 7])  # deltas, per third of the layers
+    value_levels: list[int] = field(default_factory=lambda: [5, 5, 5])
+    first_layer_levels: list[int] = field(default_factory=lambda: [31, 15])  # (key, value) deltas of layer 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group < 2:
+            raise ConfigError("quant.group", self.group, "expected >= 2 (an anchor and its deltas)")
+        if self.chunk <= 0 or self.chunk % self.group:
+            raise ConfigError("quant.chunk", self.chunk, f"expected a positive multiple of quant.group={self.group}")
+        for key, levels, n in (("key_levels", self.key_levels, 3), ("value_levels", self.value_levels, 3),
+                               ("first_layer_levels", self.first_layer_levels, 2)):
+            if len(levels) != n or any(not 3 <= x <= 255 or x % 2 == 0 for x in levels):
+                raise ConfigError(f"quant.{key}", list(levels), f"expected {n} odd level counts in [3, 255]")
+
+
+def level_counts(cfg: Config, layer_idx: int, num_layers: int) -> tuple[int, int]:
+    """(key, value) delta levels of a layer: layer 0 finer, then three equal groups of layers."""
+    if layer_idx == 0:
+        return tuple(cfg.first_layer_levels)
+    third = min(2, layer_idx * 3 // num_layers)
+    return cfg.key_levels[third], cfg.value_levels[third]
+
+
+def quantize_chunk(x: torch.Tensor, group: int, levels: int):
+    """x (H, n, D) of one chunk -> anchor symbols (H, ceil(n/group), D), delta symbols (H, n, D) (zero delta at
+    anchors), anchor and delta scales (H, D) fp16. Codes are computed against the stored fp16 scales."""
+    half_a, half_d = (ANCHOR_LEVELS - 1) // 2, (levels - 1) // 2
+    anchors = x[:, ::group]  # (H, ng, D)
+    scale_a = (anchors.abs().amax(1) / half_a).half()  # (H, D)
+    scale_a = torch.where(scale_a == 0, torch.ones_like(scale_a), scale_a)
+    a_code = (anchors / scale_a.float()[:, None]).round().clamp(-half_a, half_a)
+    a_hat = (a_code * scale_a.float()[:, None]).repeat_interleave(group, 1)[:, :x.shape[1]]  # (H, n, D)
+    delta = x - a_hat
+    is_anchor = (torch.arange(x.shape[1], device=x.device) % group == 0)[None, :, None]
+    delta = delta.masked_fill(is_anchor, 0.0)
+    scale_d = (delta.abs().amax(1) / half_d).half()
+    scale_d = torch.where(scale_d == 0, torch.ones_like(scale_d), scale_d)
+    d_code = (delta / scale_d.float()[:, None]).round().clamp(-half_d, half_d)
+    return (a_code + half_a).to(torch.uint8), (d_code + half_d).to(torch.uint8), scale_a, scale_d
+
+
+def storage_bits(levels: int) -> int:
+    return next(b for b in (2, 4, 8) if 2**b >= levels)
+
+
+class CacheGenLayerKV(LayerKV):
+    def __init__(self, cfg: Config, layer_idx: int, num_layers: int, batch, kv_heads, head_dim, device, dtype):
+        super().__init__(batch, kv_heads, head_dim, device, dtype)
+        self.cfg, self.layer_idx, self.group, self.chunk = cfg, layer_idx, cfg.group, cfg.chunk
+        self.levels = dict(zip("kv", level_counts(cfg, layer_idx, num_layers)))
+        self.dbits = {x: storage_bits(L) for x, L in self.levels.items()}
+        self.tail_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        B, H, D, dev = batch, kv_heads, head_dim, self.device
+        self.n_prompt = torch.zeros(B, dtype=torch.long)
+        self.n_tail = torch.zeros(B, dtype=torch.long)
+        self.t = {}
+        for x in "kv":
+            self.t[f"{x}_a_sym"] = torch.zeros(B, H, 0, D, dtype=torch.uint8, device=dev)
+            self.t[f"{x}_d_sym"] = torch.zeros(B, H, 0, D * self.dbits[x] // 8, dtype=torch.uint8, device=dev)
+            self.t[f"{x}_a_scale"] = torch.zeros(B, H, 0, D, dtype=torch.float16, device=dev)
+            self.t[f"{x}_d_scale"] = torch.zeros(B, H, 0, D, dtype=torch.float16, device=dev)
+        self.tail = {x: torch.zeros(B, H, 0, D, dtype=self.tail_dtype, device=dev) for x in "kv"}
+        self.wire: dict[int, dict] = {}  # sequence -> its encoded prompt (made when first asked for)
+
+    # ------------------------------------------------------------------------------------------ append
+    def _append_seq(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.wire.pop(b, None)
+        if int(self.lengths[b]) == 0:  # the prompt: quantized (and later entropy-coded) chunk by chunk
+            n = k.shape[1]
+            for x, new in (("k", k), ("v", v)):
+                new = new.to(self.tail_dtype).float()  # (H, n, D) as a serving model makes it
+                check_finite(new, f"cachegen layer {self.layer_idx} {x.upper()}")
+                for c0 in range(0, n, self.chunk):
+                    self._store_chunk(b, x, c0, *quantize_chunk(new[:, c0:c0 + self.chunk], self.group,
+                                                                self.levels[x]))
+            self.n_prompt[b] = n
+            return
+        t0, n = int(self.n_tail[b]), k.shape[1]
+        for x, new in (("k", k), ("v", v)):
+            self.tail[x] = grow(self.tail[x], t0 + n)
+            self.tail[x][b, :, t0:t0 + n] = new.to(self.tail_dtype)
+        self.n_tail[b] += n
+
+    def _store_chunk(self, b: int, x: str, c0: int, a_sym, d_sym, a_scale, d_scale) -> None:
+        """Install one chunk's symbols (starting at prompt token c0) and scales for sequence b."""
+        n, G = d_sym.shape[1], self.group
+        g0, ci = c0 // G, c0 // self.chunk
+        t = self.t
+        t[f"{x}_a_sym"] = grow(t[f"{x}_a_sym"], g0 + a_sym.shape[1])
+        t[f"{x}_d_sym"] = grow(t[f"{x}_d_sym"], c0 + n)
+        for name in ("a_scale", "d_scale"):
+            t[f"{x}_{name}"] = grow(t[f"{x}_{name}"], ci + 1)
+        t[f"{x}_a_sym"][b, :, g0:g0 + a_sym.shape[1]] = a_sym.to(self.device)
+        t[f"{x}_d_sym"][b, :, c0:c0 + n] = pack(d_sym.to(self.device), self.dbits[x])
+        t[f"{x}_a_scale"][b, :, ci] = a_scale.to(self.device)
+        t[f"{x}_d_scale"][b, :, ci] = d_scale.to(self.device)
+
+    # ------------------------------------------------------------------------------------------ attend
+    def dequantize(self, x: str, n: int) -> torch.Tensor:
+        """The first n prompt tokens of every sequence as the receiver dequantizes them: (B, H, n, D) fp32."""
+        G, half_a, half_d = self.group, (ANCHOR_LEVELS - 1) // 2, (self.levels[x] - 1) // 2
+        t = self.t
+        chunk_of = torch.arange(n, device=self.device) // self.chunk  # (n,)
+        a_scale = t[f"{x}_a_scale"][:, :, chunk_of].float()  # (B, H, n, D)
+        a = (t[f"{x}_a_sym"][:, :, torch.arange(n, device=self.device) // G].float() - half_a) * a_scale
+        d = unpack_codes(t[f"{x}_d_sym"][:, :, :n], self.dbits[x]).float() - half_d
+        return a + d * t[f"{x}_d_scale"][:, :, chunk_of].float()
+
+    def attend(self, q: torch.Tensor, scaling: float, window: Optional[int] = None) -> torch.Tensor:
+        B, n = self.batch, int(self.n_prompt.max())
+        nt = self.tail["k"].shape[2]
+        k, v = (torch.cat([self.dequantize(x, n).to(self.tail_dtype), self.tail[x]], 2) for x in "kv")
+        slot_p, slot_t = torch.arange(n).expand(B, n), torch.arange(nt).expand(B, nt)
+        pos = torch.cat([slot_p, self.n_prompt[:, None] + slot_t], 1)  # (B, N)
+        ok = torch.cat([slot_p < self.n_prompt[:, None], slot_t < self.n_tail[:, None]], 1)
+        return sdpa_over(q, k, v, pos, ok, self.q_pos[:, -q.shape[2]:], scaling, window)
+
+    # ------------------------------------------------------------------------------------------ wire
+    def _chunks(self, b: int) -> list[tuple[int, int]]:
+        """(first token, tokens) of each chunk of sequence b's prompt."""
+        n = int(self.n_prompt[b])
+        return [(c0, min(self.chunk, n - c0)) for c0 in range(0, n, self.chunk)]
+
+    def _symbols(self, b: int, x: str, c0: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anchor (ng, H·D) and non-anchor delta (n - ng, H·D) symbols of one chunk, channel = h·D + d."""
+        G, H, D = self.group, self.kv_heads, self.head_dim
+        ng = -(-n // G)
+        flat = lambda s: s.permute(1, 0, 2).reshape(s.shape[1], H * D)
+        a = flat(self.t[f"{x}_a_sym"][b, :, c0 // G:c0 // G + ng])
+        d = unpack_codes(self.t[f"{x}_d_sym"][b, :, c0:c0 + n], self.dbits[x])  # (H, n, D)
+        d = flat(d[:, torch.arange(n, device=d.device) % G != 0])
+        return a, d
+
+    def encode_seq(self, b: int) -> dict:
+        """Entropy-code sequence b's prompt: per chunk one ANS stream (K then V), its uint8 tables and scales."""
+        if b in self.wire:
+            return self.wire[b]
+        streams, tables = [], {f"{x}_{kind}": [] for x in "kv" for kind in ("a_table", "d_table")}
+        for c0, n in self._chunks(b):
+            parts = []
+            for x in "kv":
+                a, d = self._symbols(b, x, c0, n)
+                ta = codec.freq_table(a, ANCHOR_LEVELS, per_channel=False)  # (1, 255)
+                td = codec.freq_table(d, self.levels[x], per_channel=True)  # (H·D, L)
+                tables[f"{x}_a_table"].append(ta)
+                tables[f"{x}_d_table"].append(td)
+                parts += [(a, ta), (d, td)]
+            streams.append(codec.encode(parts))
+        chunks = len(streams)
+        wire = {"payload": torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8)
+                if streams else torch.zeros(0, dtype=torch.uint8),
+                "stream_bytes": torch.tensor([len(s) for s in streams], dtype=torch.int32),
+                "tokens": torch.tensor([int(self.n_prompt[b])], dtype=torch.int32)}
+        for name, ts in tables.items():
+            wire[name] = torch.stack(ts) if ts else torch.zeros(0, dtype=torch.uint8)
+        for x in "kv":
+            for name in ("a_scale", "d_scale"):
+                wire[f"{x}_{name}"] = self.t[f"{x}_{name}"][b, :, :chunks].transpose(0, 1).cpu().clone()
+        self.wire[b] = wire
+        return wire
+
+    def export_seq(self, b: int) -> dict[str, torch.Tensor]:
+        out = dict(self.encode_seq(b))
+        nt = int(self.n_tail[b])
+        if nt:  # tokens appended after the prompt travel as they are held: 16-bit
+            out.update({f"tail_{x}": self.tail[x][b, :, :nt].clone() for x in "kv"})
+        return out
+
+    def import_seq(self, b: int, state: dict[str, torch.Tensor]) -> None:
+        """Receiver: entropy-decode the prompt's symbols chunk by chunk and install them (and any 16-bit tail)."""
+        if int(self.lengths[b]):
+            raise HackError("cachegen: import_seq installs a transferred sequence into an empty slot")
+        G, H, D = self.group, self.kv_heads, self.head_dim
+        n_total = int(state["tokens"][0])
+        self.n_prompt[b] = n_total
+        payload = state["payload"].numpy().tobytes()
+        offset = 0
+        for ci, (c0, n) in enumerate(self._chunks(b)):
+            size = int(state["stream_bytes"][ci])
+            ng = -(-n // G)
+            shapes, tables = [], []
+            for x in "kv":
+                shapes += [(ng, H * D), (n - ng, H * D)]
+                tables += [state[f"{x}_a_table"][ci], state[f"{x}_d_table"][ci]]
+            parts = codec.decode(payload[offset:offset + size], shapes, tables)
+            offset += size
+            for i, x in enumerate("kv"):
+                a, d = parts[2 * i], parts[2 * i + 1]
+                unflat = lambda s: s.reshape(s.shape[0], H, D).permute(1, 0, 2)  # (H, m, D)
+                d_sym = torch.full((H, n, D), (self.levels[x] - 1) // 2, dtype=torch.uint8)
+                d_sym[:, torch.arange(n) % G != 0] = unflat(d)
+                self._store_chunk(b, x, c0, unflat(a), d_sym, state[f"{x}_a_scale"][ci], state[f"{x}_d_scale"][ci])
+        nt = state["tail_k"].shape[1] if "tail_k" in state else 0
+        if nt:
+            for x in "kv":
+                self.tail[x] = grow(self.tail[x], nt)
+                self.tail[x][b, :, :nt] = state[f"tail_{x}"].to(self.device)
+        self.n_tail[b] = nt
+        self.lengths[b] = n_total + nt
+
+    # ------------------------------------------------------------------------------------------ bytes
+    def _seq_stored(self, b: int) -> Bytes:
+        H, D, G = self.kv_heads, self.head_dim, self.group
+        n, nt = int(self.n_prompt[b]), int(self.n_tail[b])
+        chunks = -(-n // self.chunk)
+        tail = torch.finfo(self.tail_dtype).bits // 8
+        codes = sum(H * -(-n // G) * D + H * n * D * self.dbits[x] // 8 for x in "kv")
+        return Bytes(codes=codes, meta=2 * 2 * H * chunks * D * 2, fp16=2 * H * nt * D * tail)
+
+    def stored_bytes(self) -> Bytes:
+        return sum((self._seq_stored(b) for b in range(self.batch)), Bytes())
+
+    def transfer_bytes(self) -> Bytes:
+        """Exactly the bytes of each sequence's `export_seq` tensors, by kind (encodes what is not yet encoded)."""
+        total = Bytes()
+        kinds = {"payload": "codes", "stream_bytes": "index", "tokens": "index", "tail_k": "fp16", "tail_v": "fp16"}
+        for b in range(self.batch):
+            for name, t in self.export_seq(b).items():
+                kind = kinds.get(name, "meta")  # tables and scales
+                setattr(total, kind, getattr(total, kind) + t.numel() * t.element_size())
+        return total
+
+
+class Method(KVMethod):
+    def new_layer(self, layer_idx, num_layers, batch, kv_heads, head_dim, device, dtype):
+        return CacheGenLayerKV(self.config, layer_idx, num_layers, batch, kv_heads, head_dim, device, dtype)
