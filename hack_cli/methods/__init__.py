@@ -12,6 +12,10 @@ from hack_cli.errors import ConfigError
 METHODS: dict[str, str] = {
     "fp16": "hack_cli.methods.fp16",
     "hack": "hack_cli.methods.hack",
+    "kivi": "hack_cli.methods.kivi",
+    "kvquant": "hack_cli.methods.kvquant",
+    "cachegen": "hack_cli.methods.cachegen",
+    "fp8": "hack_cli.methods.fp8",
 }
 
 
