@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
 
 from hack_cli.config import check_choice, check_positive
+from hack_cli.errors import HackError
 
 
 @dataclass
 class AccuracyConfig:
     """The `accuracy:` section of conf/eval_accuracy.yaml."""
 
-    baseline: Optional[str] = "fp16"  # method evaluated beside `quant` in the same job (null: only `quant`)
+    baseline: Optional[str] = "fp16"  # conf/quant config evaluated beside `quant` in the same job (null: none)
+    methods: list[Any] = field(default_factory=list)  # more methods in the same job: {quant: <conf/quant name>,
+    #                                                  <field>: value, ...}, e.g. {quant: hack, partition: 32}
     limit: Optional[int] = None  # documents per task (null: all)
     batch_size: int = 4  # prompts generated together (left padded)
     max_length: Optional[int] = None  # window in tokens, prompt + answer (null: model.max_context); longer prompts
@@ -34,6 +38,29 @@ class AccuracyConfig:
         if self.max_length is not None:
             check_positive("accuracy.max_length", self.max_length)
         check_choice("accuracy.chat_template", self.chat_template, ("auto", "always", "never"))
+        for entry in self.methods:
+            if not isinstance(entry, dict) or "quant" not in entry:
+                raise HackError(f"accuracy.methods: {entry!r} is not allowed: expected {{quant: <conf/quant name>, "
+                                "<field>: value, ...}")
+
+
+def method_config(entry: dict):
+    """A validated method config: conf/quant/<entry.quant>.yaml with the entry's other keys as overrides."""
+    import hack_conf
+    from omegaconf import OmegaConf
+
+    from hack_cli.config import to_typed
+    from hack_cli.methods import METHODS, quant_schema
+
+    overrides = {k: v for k, v in entry.items() if k != "quant"}
+    path = Path(hack_conf.__file__).parent / "quant" / f"{entry['quant']}.yaml"
+    if path.exists():
+        node = OmegaConf.merge(OmegaConf.load(path), overrides)
+    elif entry["quant"] in METHODS:  # a method without a conf/quant file: its schema's defaults
+        node = OmegaConf.create({"name": entry["quant"], **overrides})
+    else:
+        raise HackError(f"accuracy.methods: no quant config {entry['quant']!r} in {path.parent}")
+    return to_typed("quant", quant_schema(node.name), node)
 
 
 def method_label(quant) -> str:
@@ -64,18 +91,23 @@ def requests(task, lm, mode: str, limit: Optional[int]) -> list:
     return task.instances
 
 
-def evaluate(lm, methods: list[tuple[str, object, dict]], tasks: dict[str, list], samples, model_name: str, job,
+def evaluate(lm, methods: list[tuple[str, object, dict]], tasks: dict[str, tuple], samples, model_name: str, job,
              batch_size: int) -> None:
-    """Generate every (method, task, document) not yet in `samples`, one batch at a time, writing each row."""
+    """Generate every (task, document, method) not yet in `samples`, a batch at a time, writing each row.
+
+    Order: task, then batch of documents, then method, so that a run stopped early still has every method on the
+    same documents (a paired table at any point)."""
     todo = []  # (label, quant dict, method, task name, task, batch of instances)
-    for label, method, quant in methods:
-        for name, (task, instances) in tasks.items():
-            left = [i for i in instances if f"{label}/{name}/{i.doc_id}" not in samples.done]
-            left.sort(key=lambda i: -len(i.args[0]))  # similar lengths together: less padding
-            todo += [(label, quant, method, name, task, left[k:k + batch_size]) for k in range(0, len(left), batch_size)]
-    total = sum(len(batch) for *_, batch in todo)
+    for name, (task, instances) in tasks.items():
+        ordered = sorted(instances, key=lambda i: -len(i.args[0]))  # similar lengths together: less padding
+        for k in range(0, len(ordered), batch_size):
+            for label, method, quant in methods:
+                left = [i for i in ordered[k:k + batch_size] if f"{label}/{name}/{i.doc_id}" not in samples.done]
+                if left:
+                    todo.append((label, quant, method, name, task, left))
     if not todo:
         return
+    total = sum(len(batch) for *_, batch in todo)
     for label, quant, method, name, task, batch in job.progress(todo, total=len(todo), desc=f"{total} answers"):
         lm.method = method
         predictions = lm.generate_until(batch, disable_tqdm=True)
@@ -86,26 +118,36 @@ def evaluate(lm, methods: list[tuple[str, object, dict]], tasks: dict[str, list]
                            "reference": str(task.doc_to_target(inst.doc)), "score": float(next(iter(result.values())))})
 
 
+def method_list(cfg: AccuracyConfig, quant) -> list[tuple[str, object, dict]]:
+    """(label, method, config dict) for the baseline, `quant` and `accuracy.methods`, each label once."""
+    from hack_cli.methods import build_method
+
+    configs = ([method_config({"quant": cfg.baseline})] if cfg.baseline else []) + [quant]
+    configs += [method_config(dict(entry)) for entry in cfg.methods]
+    out: dict[str, tuple] = {}
+    for c in configs:
+        label, as_dict = method_label(c), dataclasses.asdict(c)
+        if label in out and out[label][2] != as_dict:
+            raise HackError(f"accuracy.methods: two different configs share the label {label!r}")
+        out.setdefault(label, (label, build_method(c), as_dict))
+    return list(out.values())
+
+
 def run(job) -> dict:
     import torch
 
     from hack_cli.eval import table
     from hack_cli.eval.lm import KVMethodLM, byte_tokenizer
     from hack_cli.eval.tasks import build
-    from hack_cli.hf import load_model, make_method
-    from hack_cli.methods import build_method
+    from hack_cli.hf import load_model
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter about metadata and caching
     cfg: AccuracyConfig = job.typed["accuracy"]
     model_cfg, quant = job.typed["model"], job.typed["quant"]
+    methods = method_list(cfg, quant)  # config errors before the model loads
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(model_cfg, device)
     tokenizer = tokenizer or byte_tokenizer()  # random-weight architectures come without one
-
-    methods = [(method_label(quant), build_method(quant), dataclasses.asdict(quant))]
-    if cfg.baseline and cfg.baseline != quant.name:
-        base = make_method(cfg.baseline)
-        methods.insert(0, (method_label(base.config), base, dataclasses.asdict(base.config)))
 
     lm = KVMethodLM(model, tokenizer, methods[0][1], max_length=cfg.max_length or model_cfg.max_context,
                     batch_size=cfg.batch_size)

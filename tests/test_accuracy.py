@@ -1,0 +1,234 @@
+"""`hack eval accuracy`: task loaders on hub-schema fixtures, metrics against hand-computed values, middle
+truncation, the paired table, and tiny end-to-end runs (random weights: the pipeline is real, the scores are not)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hack_cli.cli import app
+from hack_cli.config import DatasetConfig
+from hack_cli.errors import HackError
+from hack_cli.eval import metrics, table
+from hack_cli.eval.lm import byte_tokenizer, middle_truncate
+from hack_cli.eval.tasks import build
+
+FIXTURES = Path(__file__).parent / "fixtures" / "accuracy"
+runner = CliRunner()
+
+
+def docs_of(task) -> list[dict]:
+    return list(task.test_docs())
+
+
+def score(task, doc, prediction) -> float:
+    return task.process_results(doc, [prediction])["score"]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_metrics_match_hand_computed_values():
+    assert metrics.exact_match("The Paris.", "paris") == 1.0
+    assert metrics.exact_match("Paris, France", "paris") == 0.0
+    # pred tokens {cat, sat}, ref {cat, sat, down}: P = 1, R = 2/3 -> F1 = 0.8
+    assert metrics.f1("the cat sat", "cat sat down") == pytest.approx(0.8)
+    assert metrics.f1("dog", "cat") == 0.0
+    # kitten -> sitting: 3 edits over 7 characters
+    assert metrics.edit_sim("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    # stemming makes cats/cat and running/runs match; "fast" is extra: P = 2/3, R = 1 -> F = 0.8
+    assert metrics.rouge1("cats running fast", "cat runs") == pytest.approx(0.8)
+    assert metrics.best_over_references("exact_match", "100 C", ["100 degrees", "100 C"]) == 1.0
+
+
+def test_paired_difference_is_a_t_interval_on_the_differences():
+    d = metrics.paired_difference([1, 1, 0, 1], [1, 0, 0, 0])  # differences 0, 1, 0, 1
+    sd = math.sqrt(1 / 3)
+    assert d["diff"] == pytest.approx(0.5) and d["n"] == 4
+    assert d["ci95"] == pytest.approx(3.182446 * sd / 2, rel=1e-5)  # t(0.975, 3) = 3.182446
+    assert metrics.paired_difference([0.5, 0.5], [0.5, 0.5])["ci95"] == 0.0
+    with pytest.raises(HackError):
+        metrics.metric("bleu")
+
+
+def test_table_pairs_methods_with_the_baseline_by_document():
+    rows = [{"model": "m", "task": "t", "method": meth, "doc_id": i, "key": f"{meth}/t/{i}", "score": s}
+            for meth, scores in (("fp16", [1, 1, 1, 0]), ("hack", [1, 0, 1, 0]), ("kivi", [1, 1]))
+            for i, s in enumerate(scores)]
+    by = {e["method"]: e for e in table.summarize(rows)}
+    assert by["fp16"]["score"] == 75 and by["fp16"]["diff"] is None
+    assert by["hack"]["diff"] == pytest.approx(-25) and by["hack"]["n_paired"] == 4
+    assert by["kivi"]["diff"] == 0 and by["kivi"]["n_paired"] == 2  # paired only over the docs it has
+    text = table.to_markdown(table.summarize(rows))
+    assert "| m | t | 4 | 75.0 | 50.0 (-25.0 ± " in text
+
+
+# ---------------------------------------------------------------------------------------------- truncation
+def test_middle_truncation_keeps_head_and_tail():
+    assert middle_truncate(list(range(10)), 5) == [0, 1, 2, 8, 9]
+    assert middle_truncate(list(range(10)), 4) == [0, 1, 8, 9]
+    assert middle_truncate([1, 2], 5) == [1, 2]
+
+
+def test_lm_cuts_long_prompts_in_the_middle_and_pads_left():
+    from hack_cli.eval.lm import KVMethodLM
+    from hack_cli.hf import load_model, make_method
+
+    model, _ = load_model("tiny")
+    lm = KVMethodLM(model, byte_tokenizer(), make_method("fp16"), max_length=64)
+    ids, mask = lm.tok_batch_encode(["HEAD" + "x" * 100 + "TAIL", "short"], left_truncate_len=20)
+    assert ids.shape == (2, 20) and mask[0].all() and mask[1].sum() == 5 and not mask[1, :15].any()
+    text = lm.tokenizer.decode(ids[0])
+    assert text.startswith("HEAD") and text.endswith("TAIL")
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+def test_paper_tasks_load_hub_schema_fixtures_and_score():
+    imdb, = build(DatasetConfig(name="imdb", path=str(FIXTURES / "imdb.jsonl")), None, None, 0)
+    doc = docs_of(imdb)[0]
+    assert imdb.doc_to_text(doc).endswith("Answer with one word.")
+    assert score(imdb, doc, " Action, clearly") == 1.0 and score(imdb, doc, "Drama") == 0.0
+
+    arxiv, = build(DatasetConfig(name="arxiv", path=str(FIXTURES / "arxiv.jsonl"), options={"max_chars": 50}),
+                   None, None, 0)
+    doc = docs_of(arxiv)[0]
+    assert len(arxiv.doc_to_text(doc)) < 120  # the article is cut to max_chars
+    assert score(arxiv, doc, doc["abstract"]) == pytest.approx(1.0)
+
+    gsm, = build(DatasetConfig(name="gsm8k", path=str(FIXTURES / "gsm8k.jsonl")), None, None, 0)
+    doc = docs_of(gsm)[1]
+    assert score(gsm, doc, "2 books are 24, plus 3.\nAnswer: 27") == 1.0
+    assert score(gsm, doc, "Answer: 26") == 0.0
+
+    he, = build(DatasetConfig(name="humaneval", path=str(FIXTURES / "humaneval.jsonl")), None, None, 0)
+    doc = docs_of(he)[0]
+    assert doc["gen_prefix"].endswith(doc["prompt"])  # the answer starts with the function's own code
+    assert score(he, doc, "    return a + b\n") == 1.0 and score(he, doc, "    pass\n") < 0.5
+
+
+def test_humaneval_defaults_to_the_packaged_problems():
+    he, = build(DatasetConfig(name="humaneval"), None, None, 0)
+    assert len(docs_of(he)) == 164
+
+
+def test_cocktail_builds_numbered_passages_from_a_beir_folder():
+    task, = build(DatasetConfig(name="cocktail", path=str(FIXTURES / "cocktail"), options={"passages": 4}),
+                  None, None, 0)
+    docs = docs_of(task)
+    assert [d["query_id"] for d in docs] == ["q1", "q2"]
+    doc = docs[0]
+    assert doc["passages"].count("[doc") == 4 and f"[{doc['answer']}] Paris" in doc["passages"]
+    assert score(task, doc, f"{doc['answer']}.") == 1.0 and score(task, doc, "none") == 0.0
+
+
+def test_hub_tasks_offline_say_how_to_run_locally():
+    with pytest.raises(HackError, match="dataset.path"):
+        build(DatasetConfig(name="imdb"), None, None, 0)
+
+
+def test_jsonl_task_reads_question_or_input_and_scores_the_best_answer():
+    task, = build(DatasetConfig(name="jsonl", path=str(FIXTURES / "qa.jsonl"), metric="exact_match"), None, None, 0)
+    docs = docs_of(task)
+    assert len(docs) == 3 and docs[1]["question"].startswith("At what temperature")
+    assert score(task, docs[1], " 100 C\nbecause...") == 1.0
+    assert score(task, docs[0], "London") == 0.0
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"context": "a", "question": "b", "answers": ["c"\n', r"bad\.jsonl:3: not valid JSON"),
+    ('{"context": "a", "answers": ["c"]}\n', r":3: needs string fields `context` and `question`"),
+    ('{"context": "a", "question": "b", "answers": "c"}\n', r":3: `answers` must be a non-empty list"),
+])
+def test_jsonl_malformed_line_fails_with_its_line_number(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    good = (FIXTURES / "bad.jsonl").read_text().splitlines(keepends=True)[:2]
+    path.write_text("".join(good) + line)
+    with pytest.raises(HackError, match=message):
+        build(DatasetConfig(name="jsonl", path=str(path), metric="f1"), None, None, 0)
+
+
+def test_ruler_tasks_generate_offline_with_the_needle_inside_and_repeat_with_the_seed():
+    tok = byte_tokenizer()
+    options = {"tasks": ["niah_single_2", "vt"], "lengths": [1024], "samples": 2, "max_gen_toks": 16}
+    tasks = build(DatasetConfig(name="ruler", options=options), tok, None, 0)
+    assert [t.config.task for t in tasks] == ["niah_single_2_1024", "vt_1024"]
+    for task in tasks:
+        for doc in docs_of(task):
+            assert all(answer in doc["input"] for answer in doc["outputs"])
+            assert len(tok(doc["input"]).input_ids) + 16 <= 1024
+            assert score(task, doc, " " + " ".join(doc["outputs"])) == 1.0
+    again = build(DatasetConfig(name="ruler", options=options), tok, None, 0)
+    assert docs_of(again[0]) == docs_of(tasks[0])
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def hack(*args):
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+TINY = ["model=tiny", "dataset=jsonl", f"dataset.path={FIXTURES / 'qa.jsonl'}", "dataset.metric=f1",
+        "dataset.options.max_gen_toks=4", "accuracy.batch_size=2"]
+
+
+def test_tiny_run_writes_rows_table_and_resumes_without_redoing(tmp_path, monkeypatch):
+    from hack_cli.eval.lm import KVMethodLM
+
+    out = tmp_path / "run"
+    hack("eval", "accuracy", *TINY, f"out_dir={out}")
+    written = rows(out / "samples.jsonl")
+    assert sorted(r["key"] for r in written) == sorted(f"{m}/qa/{i}" for m in ("fp16", "hack-channel-b2-p64")
+                                                       for i in range(3))
+    assert {"task", "doc_id", "quant", "prediction", "reference", "score"} <= set(written[0])
+    metrics_json = json.loads((out / "metrics.json").read_text())
+    assert metrics_json["qa/fp16/n"] == 3 and "qa/hack-channel-b2-p64/ci95" in metrics_json
+    assert "hack-channel-b2-p64" in (out / "accuracy_table.md").read_text()
+
+    # a run killed after 4 rows: resume generates only the 2 missing answers
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in written[:4]))
+    generated = []
+    original = KVMethodLM.generate_until
+    monkeypatch.setattr(KVMethodLM, "generate_until",
+                        lambda self, reqs, **kw: generated.extend(reqs) or original(self, reqs, **kw))
+    hack("eval", "accuracy", *TINY, f"out_dir={out}", "resume=true")
+    assert len(generated) == 2
+    again = rows(out / "samples.jsonl")
+    assert again[:4] == written[:4] and sorted(r["key"] for r in again) == sorted(r["key"] for r in written)
+
+
+def test_tiny_sweep_builds_the_sweep_table(tmp_path):
+    out = tmp_path / "sweep"
+    hack("eval", "accuracy", "-m", *TINY, "quant=fp16,hack", "accuracy.baseline=null", f"out_dir={out}")
+    text = (out / "accuracy_table.md").read_text()
+    assert "| tiny | qa | 3 | " in text and "fp16" in text and "hack-channel-b2-p64 " not in text.split("\n")[2]
+    summary = {e["method"]: e for e in table.summarize(table.load_samples([out]))}
+    assert summary["hack-channel-b2-p64"]["n_paired"] == 3
+
+
+def test_methods_list_adds_configs_and_rejects_unknown_ones(tmp_path):
+    out = tmp_path / "run"
+    hack("eval", "accuracy", *TINY, "quant=fp16", "accuracy.limit=1", f"out_dir={out}",
+         "accuracy.methods=[{quant: hack, partition: 32},{quant: hack_v1}]")
+    assert {r["method"] for r in rows(out / "samples.jsonl")} == {"fp16", "hack-channel-b2-p32", "hack-token-b2-p64"}
+    bad = runner.invoke(app, ["eval", "accuracy", *TINY, f"out_dir={tmp_path / 'bad'}",
+                              "accuracy.methods=[{quant: nope}]"])
+    assert bad.exit_code == 2 and "no quant config 'nope'" in bad.output
+
+
+def test_default_command_composes_to_smollm2_fp16_and_hack_on_the_small_suite():
+    result = hack("eval", "accuracy", "--cfg", "job")
+    assert "name: smollm2" in result.stdout and "baseline: fp16" in result.stdout
+    assert "name: suite" in result.stdout and "niah_single_2" in result.stdout and "humaneval" in result.stdout
+
+
+@pytest.mark.slow
+def test_default_command_runs_for_real(tmp_path):
+    out = tmp_path / "default"
+    hack("eval", "accuracy", f"out_dir={out}")
+    summary = {(e["task"], e["method"]): e for e in table.summarize(rows(out / "samples.jsonl"))}
+    assert summary[("niah_single_2_2048", "fp16")]["score"] >= 50  # SmolLM2 finds a needle at 2K
+    assert summary[("humaneval", "hack-channel-b2-p64")]["n_paired"] == 12
