@@ -69,9 +69,15 @@ def _scores_channel(q, bb, KC, KMN, KSC, KSUM, RP: tl.constexpr, D: tl.constexpr
     if OPER == 0:  # Σ q'k'' = Σ q'k' - z Σ q' (exact integers)
         ksum = tl.load(KSUM + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32) - C * Z  # Σ k'': (G, PI)
         s = tl.sum(tl.trans(qsc)[:, :, None] * (dot - Z * q8sum) + tl.trans(qmn)[:, :, None] * ksum[:, None, :], 0)
-    else:  # codes were read as code·2^-9
+    elif OPER == 1:  # codes were read as code·2^-9
         s = tl.sum(tl.trans(qsc)[:, :, None] * (dot * 512.0 - Z * q8sum), axis=0)
-    return s + tl.sum(q * (km + ks * Z)[None, :], axis=1)[:, None]  # + q·(m^K + s^K z)
+    else:  # fp16: q̃ is only rounded, so uncentered codes lose nothing
+        s = tl.sum(dot, axis=0) * 512.0
+    if OPER == 2:
+        s = s + tl.sum(q * km[None, :], axis=1)[:, None]  # + q·m^K
+    else:
+        s = s + tl.sum(q * (km + ks * Z)[None, :], axis=1)[:, None]  # + q·(m^K + s^K z)
+    return s
 
 
 @triton.jit
@@ -95,9 +101,12 @@ def _values_channel(p, bb, VC, VMN, VSC, VSUM, RP: tl.constexpr, D: tl.constexpr
     if OPER == 0:
         vsum = tl.load(VSUM + bb * D + dd).to(tl.float32) - PI * Z  # Σ_t v'': (D,)
         o = psc[:, :, None] * (o - Z * p8sum) + pmn[:, :, None] * vsum[None, None, :]
-    else:
+    elif OPER == 1:
         o = psc[:, :, None] * (o * 512.0 - Z * p8sum)
-    o = o + tl.sum(p[None, :, :] * (vmn + vsc * Z)[:, None, :], axis=2)[:, :, None]  # + Σ_t P_t (m^V + s^V z)
+    if OPER == 2:  # fp16: P̃ is only rounded, uncentered codes
+        o = o * 512.0 + tl.sum(p[None, :, :] * vmn[:, None, :], axis=2)[:, :, None]
+    else:
+        o = o + tl.sum(p[None, :, :] * (vmn + vsc * Z)[:, None, :], axis=2)[:, :, None]  # + Σ_t P_t (m^V + s^V z)
     own = (dd[None, None, :] // C) == gg[:, None, None]  # (G, 1, D): channel d belongs to group g
     return tl.sum(tl.where(own, o, 0.0), axis=0)
 
@@ -116,14 +125,17 @@ def _scores_token(a, qsc, qmn, qsum, qsumx, bb, KC, KMN, KSC, KSUM, RP: tl.const
     ee = tl.arange(0, DB)
     kp = tl.load(KC + (bb * PI + tt[:, None]) * DB + ee[None, :])  # (PI, DB)
     ksc = tl.load(KSC + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :]  # (G, 1, PI)
-    kmn = tl.load(KMN + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :] + ksc * Z  # centered
+    kmn = tl.load(KMN + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :]
     k = unpack_codes(kp, BITS, DT, ASM)  # (PI, D)
     dot = tl.reshape(tl.dot(a, tl.trans(k)).to(tl.float32), (G, RP, PI))
     if OPER == 0:
+        kmn = kmn + ksc * Z  # centered min
         ksum = tl.load(KSUM + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :] - C * Z
         s = qsc * (ksc * (dot - Z * qsum) + kmn * qsum) + qmn * (ksc * ksum + C * kmn)
-    else:
-        s = qsc * ksc * (dot * 512.0 - Z * qsum) + kmn * qsumx
+    elif OPER == 1:
+        s = qsc * ksc * (dot * 512.0 - Z * qsum) + (kmn + ksc * Z) * qsumx
+    else:  # fp16: uncentered codes
+        s = ksc * dot * 512.0 + kmn * qsumx
     return tl.sum(s, axis=0)
 
 
@@ -138,18 +150,22 @@ def _values_token(p, bb, VC, VMN, VSC, VSUM, RP: tl.constexpr, D: tl.constexpr, 
     ee = tl.arange(0, DB)
     vp = tl.load(VC + (bb * PI + tt[:, None]) * DB + ee[None, :])  # (PI, DB)
     vsc = tl.load(VSC + bb * D + dd).to(tl.float32)[None, :]  # (1, D)
-    vmn = tl.load(VMN + bb * D + dd).to(tl.float32)[None, :] + vsc * Z  # centered min
+    vmn = tl.load(VMN + bb * D + dd).to(tl.float32)[None, :]
     p8, psc, pmn = quant8_rows(tl.reshape(p, (1, RP, PI)), OPER, DT)  # (1, RP, PI), (1, RP) x2
     v = unpack_codes(vp, BITS, DT, ASM)  # (PI, D)
     o = tl.dot(tl.reshape(p8, (RP, PI)).to(DT), v).to(tl.float32)  # (RP, D)
     psc = tl.reshape(psc, (RP, 1))
     psum = tl.reshape(tl.sum(p8, axis=2), (RP, 1))
     if OPER == 0:
+        vmn = vmn + vsc * Z  # centered min
         vsum = tl.load(VSUM + bb * D + dd).to(tl.float32)[None, :] - PI * Z  # Σ_t v''
         pmn = tl.reshape(pmn, (RP, 1))
-        return psc * (vsc * (o - Z * psum) + vmn * psum) + pmn * (vsc * vsum + PI * vmn)
-    else:
-        return psc * vsc * (o * 512.0 - Z * psum) + vmn * tl.sum(p, axis=1)[:, None]
+        out = psc * (vsc * (o - Z * psum) + vmn * psum) + pmn * (vsc * vsum + PI * vmn)
+    elif OPER == 1:
+        out = psc * vsc * (o * 512.0 - Z * psum) + (vmn + vsc * Z) * tl.sum(p, axis=1)[:, None]
+    else:  # fp16: uncentered codes
+        out = vsc * o * 512.0 + vmn * tl.sum(p, axis=1)[:, None]
+    return out
 
 
 @triton.jit
@@ -181,7 +197,7 @@ def _tail16(q, m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b, nc, KC, KMN, KSC
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "NBMAX", "S", "BPS", "NSPLIT"])
 def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NCL, FILL, SFILL, PO, PM, PL,
                    H, NBMAX, S, BPS, NSPLIT,
                    R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr, G: tl.constexpr,
@@ -236,7 +252,7 @@ def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NC
     tl.store(PL + part * R + rr, l_i, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NS1"])
 def _combine_kernel(PO, PM, PL, OUT, NS1, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr):
     """Merge the NS1 partials of one (sequence, KV head) into OUT rows (pid·R + r)."""
     pid = tl.program_id(0)

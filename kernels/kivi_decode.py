@@ -19,7 +19,7 @@ from hack_kernels.common import interpreting, tail_dot_dtype, unpack_codes
 from hack_kernels.decode import LOG2E, _combine_kernel, _online, plan_splits, pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "CAP", "CAPG", "RES", "TPS", "NSPLIT"])
 def _kivi_kernel(Q, KC, KMN, KSC, VC, VMN, VSC, RK, RV, NQ, NRES, PO, PM, PL, H, CAP, CAPG, RES, TPS, NSPLIT,
                  R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
                  C: tl.constexpr, BITS: tl.constexpr, RESP: tl.constexpr, CDT: tl.constexpr, TDT: tl.constexpr,

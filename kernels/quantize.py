@@ -29,7 +29,7 @@ def _round_toward(x, MDT: tl.constexpr, DOWN: tl.constexpr):
     return tl.where(off, step.to(tl.int16).to(MDT, bitcast=True), y).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _quantize_kernel(X, CODES, MN, SC, SUMS, seed, PI: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                      BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, TOKEN_SUMS: tl.constexpr, STOCH: tl.constexpr,
                      MDT: tl.constexpr):
