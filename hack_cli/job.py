@@ -29,7 +29,8 @@ from hack_cli.tracking import Tracker
 class Job:
     command: str  # e.g. eval_ppl
     cfg: DictConfig  # the resolved config, as saved in config.yaml
-    typed: dict[str, Any]  # validated sections: typed["model"] is a ModelConfig, typed["quant"] the method's Config
+    typed: dict[str, Any]  # validated: typed["model"] a ModelConfig, typed["quant"] the method's Config, typed["run"]
+    #                         the shared keys (seed, resume, out_dir), typed[<section>] the command's own settings
     run_dir: Path
     resume: bool
     tracker: Tracker
