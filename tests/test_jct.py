@@ -53,7 +53,10 @@ def spec_for(method, run_dir, **jct):
 FP16_BYTES_PER_TOKEN = 2 * 2 * 2 * 32 * 2  # tiny: layers x (K, V) x kv heads x head_dim x 2 bytes
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+CORE = ("fp16", "hack")  # the rest run in the slow step: each real run spawns two processes (~10-20 s on 2 cores)
+
+
+@pytest.mark.parametrize("method", [m if m in CORE else pytest.param(m, marks=pytest.mark.slow) for m in sorted(METHODS)])
 def test_real_run_phases_add_up(method, tmp_path):
     summary = serve(spec_for(method, tmp_path, save_tokens=True))
     records = read_per_request_csv(tmp_path / "per_request.csv")

@@ -80,6 +80,14 @@ def summarize_run(spec) -> dict:
 
     records = read_per_request_csv(Path(spec.run_dir) / "per_request.csv")
     summary = summarize(records, spec.trace.warmup, simulated=False)
+    steps = Path(spec.run_dir) / "steps.csv"
+    if steps.exists():  # decode iterations: mean time and batch (what the decode phase is made of)
+        import numpy as np
+
+        rows = np.loadtxt(steps, delimiter=",", skiprows=1, ndmin=2)
+        if rows.size:
+            summary.update(decode_steps=int(rows.shape[0]), step_mean_s=float(rows[:, 3].mean()),
+                           step_batch_mean=float(rows[:, 1].mean()))
     summary.update(method=spec.quant.name, model=spec.model.name, bandwidth_gbps=spec.cluster.bandwidth_gbps,
                    rate=spec.trace.rate, trace=spec.trace.name, decode_kv_budget_gb=spec.cluster.decode_kv_budget_gb)
     write_summary(Path(spec.run_dir) / "summary.json", summary)

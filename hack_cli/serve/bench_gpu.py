@@ -100,7 +100,8 @@ def main(argv=None) -> None:
                   f"p99={r['jct_p99']:.3f} ttft={r['ttft_mean']:.3f} tpot={r['tpot_mean'] * 1e3:.1f}ms "
                   f"transfer={r['transfer_mean']:.3f} decode={r['decode_mean']:.3f} "
                   f"queue_link={r['queue_link_mean']:.3f} queue_decode={r['queue_decode_mean']:.3f} "
-                  f"MB/req={r['bytes_sent_per_request'] / 1e6:.1f} conc={r['peak_concurrency']}", flush=True)
+                  f"MB/req={r['bytes_sent_per_request'] / 1e6:.1f} conc={r['peak_concurrency']} "
+                  f"step={r.get('step_mean_s', 0) * 1e3:.1f}ms@{r.get('step_batch_mean', 0):.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class Active:
 
 class DecodeEngine:
     def __init__(self, model, method, device: torch.device, budget_bytes: float, writer, t0: float,
-                 tokens_path=None):
+                 tokens_path=None, steps_path=None):
         from hack_cli.hf.attention import text_config
 
         cfg = text_config(model)
@@ -98,6 +98,9 @@ class DecodeEngine:
         self.active: list[Active] = []
         self.done = 0
         self.tokens_file = open(tokens_path, "w") if tokens_path else None  # jct.save_tokens: outputs, per request
+        self.steps_file = open(steps_path, "w") if steps_path else None  # one line per iteration: start, batch, s
+        if self.steps_file:
+            self.steps_file.write("start_s,batch,context_tokens,step_s\n")
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -148,6 +151,7 @@ class DecodeEngine:
         from hack_cli.hf import cache_keyword
 
         batch = self.active
+        begin = self.now()
         ids = torch.tensor([[a.token] for a in batch], device=self.device)  # (B, 1)
         pos = torch.tensor([[a.pos] for a in batch], device=self.device)  # (B, 1)
         cache = BatchCache([[a.stores[layer] for a in batch] for layer in range(self.layers)])
@@ -155,6 +159,8 @@ class DecodeEngine:
                          **{cache_keyword(self.model): cache})
         tokens = out.logits[:, -1].argmax(-1).tolist()  # synchronizes
         end = self.now()
+        if self.steps_file:
+            self.steps_file.write(f"{begin:.6f},{len(batch)},{sum(a.pos for a in batch)},{end - begin:.6f}\n")
         still = []
         for a, tok in zip(batch, tokens):
             a.token, a.pos, a.left = tok, a.pos + 1, a.left - 1

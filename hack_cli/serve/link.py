@@ -36,15 +36,19 @@ class LinkError(HackError):
 
 
 class Pacer:
-    """Release times for chunks crossing a link of `bandwidth_gbps` (one sender, FCFS)."""
+    """Release times for chunks crossing a link of `bandwidth_gbps` (one sender, FCFS): a FIFO server, so chunk i
+    is delivered at d_i = max(ready_i, d_(i-1)) + bytes_i / rate, where ready_i is when its data was ready to go
+    (a message's chunks are all ready when the message is dequeued). Deadlines are absolute, so neither sleep
+    jitter nor the real send's own time accumulates while the real send is faster than the emulated link."""
 
     def __init__(self, bandwidth_gbps: float):
         self.bytes_per_s = bandwidth_gbps * 1e9 / 8
         self.free_at = 0.0  # when the link finishes the chunks released so far (time.monotonic clock)
 
-    def release(self, nbytes: int) -> float:
-        """Wait until a chunk of `nbytes` starting now (or when the link frees) has fully crossed; returns then."""
-        self.free_at = max(time.monotonic(), self.free_at) + nbytes / self.bytes_per_s
+    def release(self, nbytes: int, ready_at: Optional[float] = None) -> float:
+        """Wait until a chunk of `nbytes`, ready since `ready_at` (default now), has fully crossed; returns then."""
+        ready = time.monotonic() if ready_at is None else ready_at
+        self.free_at = max(ready, self.free_at) + nbytes / self.bytes_per_s
         while (left := self.free_at - time.monotonic()) > 0:
             time.sleep(left)
         return self.free_at
@@ -117,28 +121,28 @@ class LinkSender:
                     if item is None:
                         self._send_header(torch.zeros(HEADER_LEN, dtype=torch.float64), KIND_END)
                         return
-                    self._send_request(*item)
+                    self._send_request(*item, ready_at=time.monotonic())
         except BaseException as e:  # surfaced to the prefill worker's main thread by submit/close
             self.error = e
 
-    def _send_header(self, header: torch.Tensor, kind: float) -> None:
+    def _send_header(self, header: torch.Tensor, kind: float, ready_at: Optional[float] = None) -> None:
         header[H_KIND] = kind
-        self._send(header.to(self.device))
+        self._send(header.to(self.device), ready_at)
 
-    def _send_request(self, header: torch.Tensor, manifest: list, payload: torch.Tensor) -> None:
+    def _send_request(self, header: torch.Tensor, manifest: list, payload: torch.Tensor, ready_at: float) -> None:
         meta = torch.frombuffer(bytearray(pickle.dumps(manifest)), dtype=torch.uint8)
         header[H_SEND_START] = time.monotonic() + self.to_decode_clock
         header[H_MANIFEST_BYTES], header[H_PAYLOAD_BYTES] = meta.numel(), payload.numel()
-        self._send_header(header, KIND_REQUEST)
-        self._send(meta.to(self.device))
+        self._send_header(header, KIND_REQUEST, ready_at)
+        self._send(meta.to(self.device), ready_at)
         if self.stall_after is not None and int(header[H_RID]) == self.stall_after:
             threading.Event().wait()  # fault injection: the link goes silent between a header and its payload
         for start in range(0, payload.numel(), self.chunk):
-            self._send(payload[start:start + self.chunk])
+            self._send(payload[start:start + self.chunk], ready_at)
         self.sent = int(header[H_RID])
 
-    def _send(self, t: torch.Tensor) -> None:
-        self.pacer.release(t.nbytes)
+    def _send(self, t: torch.Tensor, ready_at: Optional[float] = None) -> None:
+        self.pacer.release(t.nbytes, ready_at)
         dist.send(t, self.peer)
         if t.is_cuda:
             torch.cuda.current_stream(t.device).synchronize()

@@ -22,8 +22,10 @@ def prompt_ids(seed: int, rid: int, prompt_len: int, vocab: int, device) -> torc
 
 
 def sync(device: torch.device) -> None:
+    """Wait for this thread's compute stream only: a device-wide synchronize would also wait for the link
+    thread's pending NCCL receive, i.e. for the next message to arrive."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 @torch.no_grad()

@@ -124,13 +124,25 @@ def worker(rank: int, specs: list[ServeSpec], master_port: int) -> None:
     dist.init_process_group(backend, rank=rank, world_size=2,
                             timeout=timedelta(seconds=first.jct.stall_timeout_s))
     try:
-        for spec in specs:
-            serve_one(rank, spec, model, device, wire)
+        for idx, spec in enumerate(specs):
+            serve_one(rank, idx, spec, model, device, wire)
     finally:
         dist.destroy_process_group()
 
 
-def serve_one(rank: int, spec: ServeSpec, model, device, wire) -> None:
+def rendezvous(key: str, rank: int) -> None:
+    """Wait until both ranks reached `key`, through the rendezvous store: unlike a send/recv it has no timeout,
+    so one worker may finish a long run (or calibrate) while the other waits. A dead peer is the launcher's
+    business (it stops the survivor), or, across nodes, the store's (its connection breaks)."""
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"{key}/{rank}", "1")
+    while not store.check([f"{key}/{1 - rank}"]):
+        time.sleep(0.05)
+
+
+def serve_one(rank: int, idx: int, spec: ServeSpec, model, device, wire) -> None:
     """One run: warm up the method, agree on the start, then prefill (rank 0) or decode (rank 1) its trace."""
     from hack_cli.methods import build_method
     from hack_cli.serve import link
@@ -146,10 +158,11 @@ def serve_one(rank: int, spec: ServeSpec, model, device, wire) -> None:
     peer, chunk = 1 - rank, int(jct.chunk_mb * 2 ** 20)
     quant = spec.quant
     if quant.name == "kvquant" and quant.calibration is None and jct.kvquant_random_calibration:
-        quant = random_kvquant_calibration(rank, spec, model, wire)
+        quant = random_kvquant_calibration(rank, idx, spec, model)
     method = build_method(quant)
     warm_up(model, method, device, wire)
-    offset = link.clock_sync(rank, peer, wire)  # also a barrier: both workers are warm
+    rendezvous(f"run{idx}/warm", rank)  # the other worker may still be finishing the previous run
+    offset = link.clock_sync(rank, peer, wire)
     start = link.agree_start(rank, peer, wire, offset, lead_s=0.2)  # the run's t0 on this rank's clock
     if rank == 0:
         sender = link.LinkSender(peer, wire, spec.cluster.bandwidth_gbps, chunk, heartbeat_s=jct.stall_timeout_s / 4,
@@ -162,30 +175,30 @@ def serve_one(rank: int, spec: ServeSpec, model, device, wire) -> None:
     receiver = link.LinkReceiver(peer, wire, chunk, jct.stall_timeout_s)
     writer = RecordWriter(run_dir / "per_request.csv")
     engine = DecodeEngine(model, method, device, spec.cluster.decode_kv_budget_gb * 1e9, writer, start,
-                          tokens_path=run_dir / "tokens.jsonl" if jct.save_tokens else None)
+                          tokens_path=run_dir / "tokens.jsonl" if jct.save_tokens else None,
+                          steps_path=run_dir / "steps.csv")
     try:
         serve_decode(engine, receiver, len(trace), spec.trace.warmup, idle_timeout=2 * jct.stall_timeout_s)
     finally:
         writer.close()
+        engine.steps_file.close()
     receiver.thread.join(jct.stall_timeout_s)  # the end marker follows the last payload
     (run_dir / "done").touch()
     print(f"[bench jct] {run_dir.name}: {engine.done} requests served by {engine.now():.1f} s", flush=True)
 
 
-def random_kvquant_calibration(rank: int, spec: ServeSpec, model, wire):
+def random_kvquant_calibration(rank: int, idx: int, spec: ServeSpec, model):
     """KVQuant levels fitted on random tokens by the prefill worker (then shared through the run directory):
     only for timing runs of random-weight models, where no real calibration can exist and values do not matter."""
     import dataclasses
 
     import torch
-    import torch.distributed as dist
 
     from hack_cli.hf.attention import NAME
     from hack_cli.methods.kvquant_calib import fit, save
     from hack_cli.serve.prefill import prompt_ids
 
     path = Path(spec.run_dir) / "kvquant_random_calibration.safetensors"
-    flag = torch.zeros(1, device=wire)
     if rank == 0:
         q = spec.quant
         seqs = torch.cat([prompt_ids(spec.seed, -2 - i, 512, model.config.get_text_config().vocab_size, "cpu")
@@ -197,9 +210,7 @@ def random_kvquant_calibration(rank: int, spec: ServeSpec, model, wire):
             model.set_attn_implementation(NAME)
         meta.update(model=spec.model.name, dataset="random tokens (timing only)", seed=spec.seed)
         save(path, tensors, meta)
-        dist.send(flag, 1)
-    else:
-        dist.recv(flag, 0)
+    rendezvous(f"run{idx}/calibrated", rank)
     return dataclasses.replace(spec.quant, calibration=str(path))
 
 
