@@ -328,21 +328,23 @@ def pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def plan_splits(programs: int, max_blocks: int, device) -> tuple[int, int]:
-    """(splits, blocks per split) so that about 4 programs per SM run (1 split in the interpreter)."""
+def plan_splits(programs: int, max_blocks: int, device, waves: float = 4) -> tuple[int, int]:
+    """(splits, blocks per split) so that about `waves` programs per SM run (1 split in the interpreter)."""
     if interpreting() or max_blocks == 0:
         return 1, max(max_blocks, 1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, min(max_blocks, -(-4 * sms // programs)))
+    want = max(1, min(max_blocks, math.ceil(waves * sms / programs)))
     per = -(-max_blocks // want)
     return -(-max_blocks // per), per
 
 
 def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int8", max_blocks: int | None = None,
-                splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                splits: int | None = None, num_warps: int = 2, num_stages: int = 3, maxnreg: int | None = None,
+                waves: float = 4) -> torch.Tensor:
     """Decode attention of q (B, Hq, D) (one new token per sequence) over kv -> (B, Hq, D) in q's dtype.
 
-    max_blocks: max over sequences of n_closed (pass it to avoid a device sync).
+    max_blocks: max over sequences of n_closed (pass it to avoid a device sync). num_warps=2 measured fastest on
+    H100 (kernels/NOTES.md); waves: target programs per SM when choosing the number of splits.
     """
     B, Hq, D = q.shape
     H = kv.k_codes.shape[1]
@@ -352,7 +354,8 @@ def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int
     oper, dt = dot_dtypes(operand)
     if max_blocks is None:
         max_blocks = int(kv.n_closed.max())
-    nsplit, per = plan_splits(B * H, max_blocks, q.device) if splits is None else (splits, -(-max_blocks // splits))
+    nsplit, per = (plan_splits(B * H, max_blocks, q.device, waves) if splits is None
+                   else (splits, -(-max_blocks // splits)))
     qs = (q.float() * (scaling * LOG2E)).contiguous()  # (B, Hq, D): base-2 logits
     po = torch.empty(B * H, nsplit + 1, R, D, device=q.device, dtype=torch.float32)
     pm = torch.empty(B * H, nsplit + 1, R, device=q.device, dtype=torch.float32)
@@ -363,7 +366,8 @@ def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int
         kv.sink_k, kv.sink_v, kv.open_k, kv.open_v, kv.n_closed, kv.fill, kv.sink_fill, po, pm, pl,
         H, kv.k_codes.shape[2], S, per, nsplit,
         R=R, RP=RP, D=D, PI=P, G=G, BITS=kv.bits, SP=max(16, pow2(S)), LAYOUT=layout, OPER=oper, DT=dt,
-        TDT=tail_dot_dtype(kv.sink_k), ASM=not interpreting(), num_warps=num_warps)
+        TDT=tail_dot_dtype(kv.sink_k), ASM=not interpreting(), num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
     _combine_kernel[(B * H,)](po, pm, pl, out, nsplit + 1, R=R, RP=pow2(R), D=D, num_warps=4)
     return out

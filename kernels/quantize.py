@@ -29,6 +29,14 @@ def _round_toward(x, MDT: tl.constexpr, DOWN: tl.constexpr):
     return tl.where(off, step.to(tl.int16).to(MDT, bitcast=True), y).to(tl.float32)
 
 
+@triton.jit
+def _div_rn(a, b, inv):
+    """a / b correctly rounded (as the reference's division) from inv = 1/b: one Markstein refinement of a·inv, the
+    remainder exact through the FMA, instead of the slower division instruction sequence."""
+    q0 = a * inv
+    return tl.fma(tl.fma(-q0, b, a), inv, q0)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_kernel(X, CODES, MN, SC, SUMS, seed, PI: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                      BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, TOKEN_SUMS: tl.constexpr, STOCH: tl.constexpr,
@@ -47,7 +55,7 @@ def _quantize_kernel(X, CODES, MN, SC, SUMS, seed, PI: tl.constexpr, D: tl.const
         mn = _round_toward(tl.min(x, axis=0), MDT, True)  # (D,)
         sc = _round_toward((tl.max(x, axis=0) - mn) / LEVELS, MDT, False)
         div = tl.where(sc == 0.0, 1.0, sc)
-        t = tl.math.div_rn(x - mn[None, :], tl.broadcast_to(div[None, :], (PI, D)))
+        t = _div_rn(x - mn[None, :], div[None, :], 1.0 / div[None, :])
         tl.store(MN + blk * D + dd, mn.to(MDT))
         tl.store(SC + blk * D + dd, sc.to(MDT))
     else:
@@ -55,7 +63,7 @@ def _quantize_kernel(X, CODES, MN, SC, SUMS, seed, PI: tl.constexpr, D: tl.const
         mn = _round_toward(tl.min(x3, axis=2), MDT, True)  # (PI, G)
         sc = _round_toward((tl.max(x3, axis=2) - mn) / LEVELS, MDT, False)
         div = tl.where(sc == 0.0, 1.0, sc)
-        t = tl.reshape(tl.math.div_rn(x3 - mn[:, :, None], tl.broadcast_to(div[:, :, None], (PI, G, C))), (PI, D))
+        t = tl.reshape(_div_rn(x3 - mn[:, :, None], div[:, :, None], 1.0 / div[:, :, None]), (PI, D))
         meta = (blk * PI + tt[:, None]) * G + gg[None, :]
         tl.store(MN + meta, mn.to(MDT))
         tl.store(SC + meta, sc.to(MDT))

@@ -1,0 +1,61 @@
+"""Launch-parameter sweep for the HACK decode kernel: `python -m hack_kernels.tune` on the GPU.
+
+Times every (operand, num_warps, num_stages, maxnreg, waves) combination at a few (context, batch) points of one
+model, next to BF16 SDPA in the same run, and prints one line per variant (kernels/NOTES.md records the outcome).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+
+import torch
+
+
+def main(argv=None) -> None:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hack_kernels import bench_data as bd
+    from hack_kernels.bench import copies_for, time_graph
+    from hack_kernels.decode import hack_decode
+
+    p = argparse.ArgumentParser(prog="python -m hack_kernels.tune")
+    p.add_argument("--model", default="llama31_8b")
+    p.add_argument("--points", nargs="+", default=["131072x1", "131072x8", "32768x1"], help="CONTEXTxBATCH")
+    p.add_argument("--operands", nargs="+", default=["int8", "fp16"])
+    p.add_argument("--warps", nargs="+", type=int, default=[2])
+    p.add_argument("--stages", nargs="+", type=int, default=[2, 3, 4])
+    p.add_argument("--maxnreg", nargs="+", type=int, default=[0])
+    p.add_argument("--waves", nargs="+", type=float, default=[4])
+    p.add_argument("--partition", type=int, default=64)
+    p.add_argument("--bits", type=int, default=2)
+    a = p.parse_args(argv)
+    Hq, H, D = bd.SHAPES[a.model]
+    print(f"card: {torch.cuda.get_device_name(0)}", flush=True)
+    for point in a.points:
+        ctx, batch = map(int, point.split("x"))
+        q, k, v = bd.realistic_kv(batch, Hq, H, ctx, D)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            q4 = q.view(batch, H, Hq // H, D)
+            sdpa = time_graph([lambda: F.scaled_dot_product_attention(q4, k, v, scale=1 / math.sqrt(D))], 10)
+        kv = bd.hack_store(k, v, "channel", a.bits, a.partition)
+        del k, v
+        nbytes, nc = bd.hack_bytes(kv), int(kv.n_closed[0])
+        stores = [kv] + [bd.clone_store(kv) for _ in range(copies_for(nbytes) - 1)]
+        print(f"{a.model} ctx={ctx} B={batch}: bf16 SDPA {sdpa:.1f} us, HACK reads {nbytes / 1e6:.1f} MB", flush=True)
+        for op, w, st, reg, wv in itertools.product(a.operands, a.warps, a.stages, a.maxnreg, a.waves):
+            kw = dict(operand=op, max_blocks=nc, num_warps=w, num_stages=st, maxnreg=reg or None, waves=wv)
+            try:
+                us = time_graph([lambda s=s: hack_decode(s, q, 0.1, **kw) for s in stores], 10)
+            except Exception as e:
+                print(f"  {op} w{w} s{st} r{reg} waves{wv}: FAILED {type(e).__name__}: {str(e)[-200:]}", flush=True)
+                continue
+            print(f"  {op:<5} w{w} s{st} r{reg:<3} waves{wv:<4} {us:8.1f} us {nbytes / us / 1e3:6.0f} GB/s "
+                  f"x{sdpa / us:.2f} SDPA", flush=True)
+        del stores, kv
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
