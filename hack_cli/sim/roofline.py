@@ -219,6 +219,14 @@ class Costs:
         return self.wire_bytes(L) / self.link_bytes_per_s
 
     def split(self) -> list[dict]:
-        """Rows (phase, feature, bound, factor) describing how this cluster scales the profile."""
-        return [{"phase": p, "feature": f, "bound": b, "factor": x}
-                for p in FEATURES for f, (b, x) in self.factors(p).items()]
+        """Rows (phase, feature, bound, factor) describing how this cluster scales the profile (the decode
+        intercept's factor is the effective one: its weight-read floor scaled, its host part not)."""
+        rows = []
+        for p in FEATURES:
+            measured = dict(zip(self.method["phases"][p]["features"], self.method["phases"][p]["coef"]))
+            scaled = dict(zip(self.coef[p]["features"], self.coef[p]["coef"]))
+            for f, (bound, factor) in self.factors(p).items():
+                if measured.get(f):
+                    factor = scaled[f] / measured[f]
+                rows.append({"phase": p, "feature": f, "bound": bound, "factor": factor})
+        return rows
