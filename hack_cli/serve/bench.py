@@ -26,7 +26,7 @@ class JctConfig:
     stall_timeout_s: float = 60.0  # a link silent this long (heartbeats included) ends the run
     timeout_s: Optional[float] = None  # whole run, startup included (none: only stalls and deaths end it)
     save_tokens: bool = False  # write every request's output token ids to tokens.jsonl (correctness checks)
-    kvquant_random_calibration: bool = False  # quant=kvquant without a calibration file: fit on random tokens
+    kvquant_random_calibration: bool = False  # quant=kvquant whose calibration file is missing: fit on random tokens
     max_requests: int = 0  # >0: serve only the first N requests of the trace (scaled-down runs)
     fault: str = "none"  # fault injection for tests: none | kill_prefill | stall_link
     fault_at: int = 1  # the request at which the fault happens

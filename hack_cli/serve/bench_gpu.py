@@ -41,8 +41,11 @@ def build_specs(args) -> list:
     from hack_cli.serve.bench import JctConfig
     from hack_cli.serve.workers import ServeSpec
 
+    from omegaconf import OmegaConf
+
     model_over = {k: v for k, v in (("weights", args.weights), ("dtype", args.dtype)) if v}
-    model = to_typed("model", ModelConfig, conf("model", args.model, **model_over))
+    model_node = conf("model", args.model, **model_over)
+    model = to_typed("model", ModelConfig, model_node)
     jct = JctConfig(stall_timeout_s=args.stall_timeout_s, kvquant_random_calibration=args.weights == "random",
                     chunk_mb=args.chunk_mb)
     specs = []
@@ -52,7 +55,9 @@ def build_specs(args) -> list:
             rate, bw, n = float(rate), float(bw), int(n)
         except ValueError:
             raise HackError(f"--run {item!r}: expected METHOD:RATE:BANDWIDTH_GBPS:NUM_REQUESTS") from None
-        qnode = conf("quant", method)
+        root = OmegaConf.create({"model": model_node, "quant": conf("quant", method)})
+        OmegaConf.resolve(root)  # e.g. kvquant's calibration path names ${model.name}
+        qnode = root.quant
         quant = to_typed("quant", quant_schema(qnode.get("name")), qnode)
         cluster = to_typed("cluster", ClusterConfig, conf("cluster", args.cluster, bandwidth_gbps=bw,
                                                           **({"decode_kv_budget_gb": args.budget_gb}

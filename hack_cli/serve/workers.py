@@ -157,7 +157,8 @@ def serve_one(rank: int, idx: int, spec: ServeSpec, model, device, wire) -> None
         trace = trace[:jct.max_requests]
     peer, chunk = 1 - rank, int(jct.chunk_mb * 2 ** 20)
     quant = spec.quant
-    if quant.name == "kvquant" and quant.calibration is None and jct.kvquant_random_calibration:
+    if quant.name == "kvquant" and jct.kvquant_random_calibration and not (
+            quant.calibration and Path(quant.calibration).exists()):
         quant = random_kvquant_calibration(rank, idx, spec, model)
     method = build_method(quant)
     warm_up(model, method, device, wire)

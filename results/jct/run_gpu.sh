@@ -5,8 +5,11 @@
 set -o pipefail
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
+    && export PYTHONPATH=/tmp/site
 fi
+# the repo is not pip-installed there: expose conf/ and kernels/ under their install names
+mkdir -p /tmp/pkgs && ln -sfn $PWD/conf /tmp/pkgs/hack_conf && ln -sfn $PWD/kernels /tmp/pkgs/hack_kernels
+export PYTHONPATH=/tmp/pkgs:$PWD:${PYTHONPATH}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT_DIR=${OUT_DIR:-runs/jct_gpu}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
