@@ -57,8 +57,9 @@ class KernelBenchConfig:
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def time_graph(fns, replays: int) -> float:
-    """Median µs per call of the callables `fns` (one per input copy), captured once in a CUDA graph."""
+def time_graph(fns, replays: int, min_calls: int = 16) -> float:
+    """Median µs per call of the callables `fns` (one per input copy), captured once in a CUDA graph of at least
+    `min_calls` calls."""
     import torch
 
     for f in fns:  # compile and warm up outside the capture
@@ -69,7 +70,7 @@ def time_graph(fns, replays: int) -> float:
         for f in fns:
             f()
     torch.cuda.current_stream().wait_stream(side)
-    calls = fns * max(1, math.ceil(16 / len(fns)))
+    calls = fns * max(1, math.ceil(min_calls / len(fns)))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for f in calls:

@@ -98,6 +98,14 @@ def unpack_codes(packed, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr
 
 
 @triton.jit
+def div_rn(a, b, inv):
+    """a / b correctly rounded (as PyTorch's division in the references) from inv = 1/b: one Markstein refinement
+    of a·inv with the remainder exact through the FMA, cheaper than the division instruction sequence."""
+    q0 = a * inv
+    return tl.fma(tl.fma(-q0, b, a), inv, q0)
+
+
+@triton.jit
 def quant8_rows(x, OPER: tl.constexpr, DT: tl.constexpr):
     """On-the-fly 8-bit quantization of x (A, B, N) along its last axis (the reference's `quantize_int8`).
 
@@ -110,7 +118,7 @@ def quant8_rows(x, OPER: tl.constexpr, DT: tl.constexpr):
         hi = tl.max(x, axis=2)
         scale = (hi - lo) / 255.0
         scale = tl.where(scale == 0.0, 1.0, scale)
-        t = (x - lo[:, :, None]) * (1.0 / scale)[:, :, None] + 0.5
+        t = div_rn(x - lo[:, :, None], scale[:, :, None], (1.0 / scale)[:, :, None]) + 0.5  # bit-exact codes
         codes = tl.minimum(tl.maximum(tl.floor(t), 0.0), 255.0) - 128.0
         return codes, scale, lo + 128.0 * scale
     elif OPER == 2:

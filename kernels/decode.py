@@ -169,12 +169,12 @@ def _values_token(p, bb, VC, VMN, VSC, VSUM, RP: tl.constexpr, D: tl.constexpr, 
 
 
 @triton.jit
-def _tail16(q, m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b, nc, KC, KMN, KSC, KSUM, SK, SV, OK, OV, FILL, SFILL, NBMAX,
-            S, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-            SP: tl.constexpr, LAYOUT: tl.constexpr, OPER: tl.constexpr, DT: tl.constexpr, TDT: tl.constexpr,
-            ASM: tl.constexpr):
+def _tail16(q, qpos, m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b, nc, KC, KMN, KSC, KSUM, SK, SV, OK, OV, FILL,
+            SFILL, NBMAX, S, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr, G: tl.constexpr,
+            BITS: tl.constexpr, SP: tl.constexpr, LAYOUT: tl.constexpr, OPER: tl.constexpr, DT: tl.constexpr,
+            TDT: tl.constexpr, ASM: tl.constexpr):
     """The 16-bit segment of one (sequence, KV head): sinks, then the open block (its K is per-token codes in
-    block nc in the token layout)."""
+    block nc in the token layout). qpos (RP,): each row's query position (causal mask)."""
     sf = tl.load(SFILL + b)
     fill = tl.load(FILL + b)
     dd = tl.arange(0, D)
@@ -183,7 +183,8 @@ def _tail16(q, m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b, nc, KC, KMN, KSC
     sk = tl.load(SK + (pid * S + ss[:, None]) * D + dd[None, :], mask=ss[:, None] < sf, other=0.0)  # (SP, D)
     sv = tl.load(SV + (pid * S + ss[:, None]) * D + dd[None, :], mask=ss[:, None] < sf, other=0.0)
     s = tl.dot(q.to(TDT), tl.trans(sk.to(TDT)))  # (RP, SP)
-    m_i, l_i, acc, p = _online(tl.where(ss[None, :] < sf, s, -float("inf")), m_i, l_i, acc)
+    m_i, l_i, acc, p = _online(tl.where((ss[None, :] < sf) & (ss[None, :] <= qpos[:, None]), s, -float("inf")),
+                               m_i, l_i, acc)
     acc += tl.dot(p.to(TDT), sv.to(TDT))
     if LAYOUT == 0:
         ko = tl.load(OK + (pid * PI + tt[:, None]) * D + dd[None, :], mask=tt[:, None] < fill, other=0.0)
@@ -191,7 +192,8 @@ def _tail16(q, m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b, nc, KC, KMN, KSC
     else:
         bb = pid.to(tl.int64) * NBMAX + tl.minimum(nc, NBMAX - 1)  # fill > 0 means block nc exists
         so = _scores_token(a, qsc, qmn, qsum, qsumx, bb, KC, KMN, KSC, KSUM, RP, D, PI, G, BITS, OPER, DT, ASM)
-    m_i, l_i, acc, po = _online(tl.where(tt[None, :] < fill, so, -float("inf")), m_i, l_i, acc)
+    ok = (tt[None, :] < fill) & (S + nc * PI + tt[None, :] <= qpos[:, None])
+    m_i, l_i, acc, po = _online(tl.where(ok, so, -float("inf")), m_i, l_i, acc)
     vo = tl.load(OV + (pid * PI + tt[:, None]) * D + dd[None, :], mask=tt[:, None] < fill, other=0.0)
     acc += tl.dot(po.to(TDT), vo.to(TDT))
     return m_i, l_i, acc
@@ -243,8 +245,9 @@ def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NC
             else:
                 acc += _values_token(p, bb, VC, VMN, VSC, VSUM, RP, D, PI, BITS, OPER, DT, ASM)
     else:
-        m_i, l_i, acc = _tail16(q, m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b, nc, KC, KMN, KSC, KSUM, SK, SV, OK, OV,
-                                FILL, SFILL, NBMAX, S, RP, D, PI, G, BITS, SP, LAYOUT, OPER, DT, TDT, ASM)
+        m_i, l_i, acc = _tail16(q, tl.full([RP], 1 << 30, tl.int32), m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b,
+                                nc, KC, KMN, KSC, KSUM, SK, SV, OK, OV, FILL, SFILL, NBMAX, S, RP, D, PI, G, BITS, SP,
+                                LAYOUT, OPER, DT, TDT, ASM)
     part = pid * (NSPLIT + 1) + split
     ok = rr < R
     tl.store(PO + (part * R + rr[:, None]) * D + dd[None, :], acc, mask=ok[:, None])

@@ -15,13 +15,13 @@ from hack_kernels.quantize import quantize_blocks
 
 
 def _pow2(n: int) -> bool:
-    return n >= 16 and n & (n - 1) == 0
+    return n >= 16 and n & (n - 1) == 0  # tl.dot tiles: powers of two, >= 16 (Π >= 32: int8 dots need K >= 32)
 
 
 def covered(layer) -> bool:
     cfg = layer.cfg
     return (layer.bits in (2, 4) and cfg.summation_elimination and cfg.requant_elimination
-            and _pow2(layer.head_dim) and _pow2(layer.part) and _pow2(layer.group))
+            and _pow2(layer.head_dim) and _pow2(layer.part) and _pow2(layer.group) and layer.part >= 32)
 
 
 def attend(layer, q: torch.Tensor, scaling: float, window: Optional[int]) -> Optional[torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hack_kernels.common import interpreting
+from hack_kernels.common import div_rn as _div_rn, interpreting
 
 
 @triton.jit
@@ -27,14 +27,6 @@ def _round_toward(x, MDT: tl.constexpr, DOWN: tl.constexpr):
         step = tl.where(yf > 0, bits + 1, tl.where(yf < 0, bits - 1, 1))
         off = yf < x
     return tl.where(off, step.to(tl.int16).to(MDT, bitcast=True), y).to(tl.float32)
-
-
-@triton.jit
-def _div_rn(a, b, inv):
-    """a / b correctly rounded (as the reference's division) from inv = 1/b: one Markstein refinement of a·inv, the
-    remainder exact through the FMA, instead of the slower division instruction sequence."""
-    q0 = a * inv
-    return tl.fma(tl.fma(-q0, b, a), inv, q0)
 
 
 @triton.jit(do_not_specialize=["seed"])
