@@ -43,3 +43,13 @@ def test_the_wandb_run_is_finished_when_the_job_fails(tmp_path, monkeypatch, mod
     result = selftest(tmp_path, f"logging.wandb.mode={mode}", "selftest.numel=100")  # not a multiple of Π
     assert result.exit_code == 2 and "selftest.numel=100" in result.stderr
     assert finished == [False]
+
+
+def test_online_without_a_server_says_so_and_logs_offline(tmp_path, monkeypatch):
+    monkeypatch.setattr("hack_cli.tracking.INIT_TIMEOUT_S", 3)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: connection refused
+    result = selftest(tmp_path, "logging.wandb.mode=online")
+    assert result.exit_code == 0, result.output
+    assert "W&B online unavailable" in result.stderr
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
