@@ -81,6 +81,25 @@ def test_lm_cuts_long_prompts_in_the_middle_and_pads_left():
     assert text.startswith("HEAD") and text.endswith("TAIL")
 
 
+def test_shared_prefill_gives_the_same_answers_as_each_method_prefilling_alone():
+    from lm_eval.api.instance import Instance
+
+    from hack_cli.eval.lm import KVMethodLM
+    from hack_cli.hf import load_model, make_method
+
+    model, _ = load_model("tiny")
+    lm = KVMethodLM(model, byte_tokenizer(), make_method("fp16"), max_length=256, batch_size=2)
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 3, "Hello world."]  # left padding in the batch
+    reqs = [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 6}), i) for i, p in enumerate(prompts)]
+    for method in (make_method("fp16"), make_method("hack", partition=32)):
+        lm.method = method
+        answers = {}
+        for share in (False, True):
+            lm.share_prefill = share
+            answers[share] = lm.generate_until(reqs, disable_tqdm=True)
+        assert answers[True] == answers[False] and all(answers[True])
+
+
 # ---------------------------------------------------------------------------------------------- loaders
 def test_paper_tasks_load_hub_schema_fixtures_and_score():
     imdb, = build(DatasetConfig(name="imdb", path=str(FIXTURES / "imdb.jsonl")), None, None, 0)

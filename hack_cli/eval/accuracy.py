@@ -44,8 +44,11 @@ class AccuracyConfig:
                                 "<field>: value, ...}")
 
 
-def method_config(entry: dict):
-    """A validated method config: conf/quant/<entry.quant>.yaml with the entry's other keys as overrides."""
+def method_config(entry: dict, root: Optional[dict] = None):
+    """A validated method config: conf/quant/<entry.quant>.yaml with the entry's other keys as overrides.
+
+    Interpolations in the quant file (e.g. kvquant's `${model.name}` in its calibration path) resolve against `root`,
+    the job's whole config."""
     import hack_conf
     from omegaconf import OmegaConf
 
@@ -60,6 +63,8 @@ def method_config(entry: dict):
         node = OmegaConf.create({"name": entry["quant"], **overrides})
     else:
         raise HackError(f"accuracy.methods: no quant config {entry['quant']!r} in {path.parent}")
+    whole = OmegaConf.merge(OmegaConf.create(root or {}), {"quant": node})
+    node = OmegaConf.create(OmegaConf.to_container(whole, resolve=True)["quant"])
     return to_typed("quant", quant_schema(node.name), node)
 
 
@@ -118,12 +123,12 @@ def evaluate(lm, methods: list[tuple[str, object, dict]], tasks: dict[str, tuple
                            "reference": str(task.doc_to_target(inst.doc)), "score": float(next(iter(result.values())))})
 
 
-def method_list(cfg: AccuracyConfig, quant) -> list[tuple[str, object, dict]]:
+def method_list(cfg: AccuracyConfig, quant, root: dict) -> list[tuple[str, object, dict]]:
     """(label, method, config dict) for the baseline, `quant` and `accuracy.methods`, each label once."""
     from hack_cli.methods import build_method
 
-    configs = ([method_config({"quant": cfg.baseline})] if cfg.baseline else []) + [quant]
-    configs += [method_config(dict(entry)) for entry in cfg.methods]
+    configs = ([method_config({"quant": cfg.baseline}, root)] if cfg.baseline else []) + [quant]
+    configs += [method_config(dict(entry), root) for entry in cfg.methods]
     out: dict[str, tuple] = {}
     for c in configs:
         label, as_dict = method_label(c), dataclasses.asdict(c)
@@ -144,7 +149,10 @@ def run(job) -> dict:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter about metadata and caching
     cfg: AccuracyConfig = job.typed["accuracy"]
     model_cfg, quant = job.typed["model"], job.typed["quant"]
-    methods = method_list(cfg, quant)  # config errors before the model loads
+    from omegaconf import OmegaConf
+
+    root = OmegaConf.to_container(job.cfg, resolve=True)
+    methods = method_list(cfg, quant, {k: v for k, v in root.items() if k != "quant"})  # errors before loading
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(model_cfg, device)
     tokenizer = tokenizer or byte_tokenizer()  # random-weight architectures come without one
