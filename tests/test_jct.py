@@ -3,6 +3,7 @@
 and faults (a dead prefill worker, a stalled link) ending the run with one clear line, finished rows kept."""
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from hack_cli.config import ClusterConfig, TraceConfig
 from hack_cli.errors import HackError
 from hack_cli.hf.models import model_config
 from hack_cli.methods import METHODS, quant_schema
-from hack_cli.serve.bench import JctConfig, serve
+from hack_cli.serve.bench import JctConfig, serve, serve_many
 from hack_cli.serve.link import Pacer, pack_payload, unpack_payload
 from hack_cli.serve.metrics import PHASES, read_per_request_csv
 from hack_cli.serve.workers import ServeSpec
@@ -53,13 +54,25 @@ def spec_for(method, run_dir, **jct):
 FP16_BYTES_PER_TOKEN = 2 * 2 * 2 * 32 * 2  # tiny: layers x (K, V) x kv heads x head_dim x 2 bytes
 
 
-CORE = ("fp16", "hack")  # the rest run in the slow step: each real run spawns two processes (~10-20 s on 2 cores)
+CORE = ("fp16", "hack")
 
 
-@pytest.mark.parametrize("method", [m if m in CORE else pytest.param(m, marks=pytest.mark.slow) for m in sorted(METHODS)])
-def test_real_run_phases_add_up(method, tmp_path):
-    summary = serve(spec_for(method, tmp_path, save_tokens=True))
-    records = read_per_request_csv(tmp_path / "per_request.csv")
+def test_real_runs_core_methods(tmp_path):
+    """fp16 and HACK served by one pair of workers (one spawn, one model load), run after run."""
+    specs = [spec_for(m, tmp_path / m, save_tokens=True) for m in CORE]
+    for spec, summary in zip(specs, serve_many(specs, tmp_path)):
+        check_run(spec.quant.name, Path(spec.run_dir), summary)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(CORE)))
+def test_real_run_other_methods(method, tmp_path):
+    check_run(method, tmp_path, serve(spec_for(method, tmp_path, save_tokens=True)))
+
+
+def check_run(method, run_dir, summary):
+    """Phases add up to each JCT; transfer and bytes are physical; summary and outputs are complete."""
+    records = read_per_request_csv(run_dir / "per_request.csv")
     assert sorted(r.rid for r in records) == list(range(6))
     for r in records:
         phases = [r.phase(p) for p in PHASES]
@@ -75,9 +88,10 @@ def test_real_run_phases_add_up(method, tmp_path):
     assert summary["num_measured"] == 5 and summary["simulated"] is False
     for key in ("jct_mean", "jct_p99", "ttft_mean", "tpot_mean", "bytes_sent", "peak_decode_kv_bytes"):
         assert summary[key] > 0
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["decode_steps"] > 0
+    saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["jct_mean"] == pytest.approx(summary["jct_mean"])
-    tokens = {row["rid"]: row["tokens"] for row in map(json.loads, (tmp_path / "tokens.jsonl").open())}
+    tokens = {row["rid"]: row["tokens"] for row in map(json.loads, (run_dir / "tokens.jsonl").open())}
     assert all(len(tokens[r.rid]) == r.output_len for r in records)
     if method == "fp16":  # the disaggregated, continuously batched decode produces what local decoding does
         assert_matches_local_generation(tokens, records)
@@ -96,12 +110,12 @@ def assert_matches_local_generation(tokens, records):
 
 
 def test_dead_prefill_worker_ends_run_and_keeps_rows(tmp_path):
-    spec = spec_for("fp16", tmp_path, fault="kill_prefill", fault_at=2, stall_timeout_s=30)
+    spec = spec_for("fp16", tmp_path, fault="kill_prefill", fault_at=2, stall_timeout_s=600)
     spec.trace.rate = 2.0
     t0 = time.monotonic()
     with pytest.raises(HackError, match=r"^prefill worker failed: died with exit code 3$"):
         serve(spec)
-    assert time.monotonic() - t0 < 30  # noticed at once, not after the stall timeout
+    assert time.monotonic() - t0 < 150  # noticed at once (startup included), not after the 600 s stall timeout
     rids = [r.rid for r in read_per_request_csv(tmp_path / "per_request.csv")]
     assert 1 <= len(rids) <= 3 and 0 in rids
 
