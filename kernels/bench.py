@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SECTIONS = ("ceilings", "decode", "variants", "quantize", "prefill")
+SECTIONS = ("ceilings", "decode", "variants", "quantize", "prefill", "errors")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class KernelBenchConfig:
     compile_workers: int = 8  # processes that compile every kernel variant before timing starts
     time_budget_s: float = 600.0  # no new case starts after this
     seed: int = 0
+    kv_file: str = ".kvcap/smollm2.pt"  # real Q/K/V for the errors section (python -m hack_kernels.capture_kv)
 
     def __post_init__(self):
         from hack_kernels.bench_data import SHAPES
@@ -223,6 +224,53 @@ def quantize_rows(cfg: KernelBenchConfig, ceil: dict) -> list:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ errors
+def error_cfgs(cfg: KernelBenchConfig) -> list:
+    """HACK configurations of the errors section: every Π and bits, all operands in the channel layout."""
+    parts = sorted({cfg.partition, *cfg.variant_partitions})
+    out = [("channel", b, p, op, 2) for b in (2, 4) for p in parts for op in ("int8", "fp16", "fp8")]
+    return out + [("token", b, cfg.partition, "int8", 2) for b in (2, 4) if "token" in cfg.variant_layouts]
+
+
+def error_rows(cfg: KernelBenchConfig) -> list:
+    """Relative error of every method against fp32 attention over the unquantized K/V, on real attention inputs
+    (kv_file): each captured query of a layer is one decode step over the context before the captured queries."""
+    import torch
+    import torch.nn.functional as F
+
+    from hack_kernels import bench_data as bd
+    from hack_kernels.decode import hack_decode
+    from hack_kernels.kivi_decode import kivi_decode
+
+    data = torch.load(cfg.kv_file)
+    rows, errs = [], {}
+    for li, layer in enumerate(data["layers"]):
+        q = data["q"][li].cuda().transpose(0, 1).contiguous()  # (Q, Hq, D): one sequence per query
+        Qn, Hq, D = q.shape
+        N = data["k"].shape[2] - Qn
+        k, v = (data[x][li, :, :N].cuda()[None].expand(Qn, -1, -1, -1).contiguous() for x in "kv")  # (Q, H, N, D)
+        H, scaling = k.shape[1], 1 / math.sqrt(D)
+        ref = bd.attention_fp32(q, k, v, scaling)
+        err = lambda out: ((out.float() - ref).norm() / ref.norm()).item()
+        outs = {"bf16_sdpa": F.scaled_dot_product_attention(q.view(Qn, H, Hq // H, D).bfloat16(), k.bfloat16(),
+                                                            v.bfloat16(), scale=scaling).reshape(Qn, Hq, D)}
+        for bits in (2, 4):
+            kt, rk, rv, nq, nr = bd.kivi_store(k, v, bits=bits, group=32)
+            outs[f"kivi_b{bits}_g32"] = kivi_decode(kt, rk, rv, nq, nr, q, scaling, bits, 32)
+        for layout, bits, part, op, nw in error_cfgs(cfg):
+            kv = bd.hack_store(k, v, layout, bits, part)
+            outs[f"hack_{layout}_b{bits}_p{part}_{op}"] = hack_decode(kv, q, scaling, operand=op, num_warps=nw)
+        for name, out in outs.items():
+            errs.setdefault(name, []).append(err(out))
+    for name, e in errs.items():
+        rows.append({"model": "smollm2_real", "context": N, "batch": Qn, "method": name, "us": float("nan"),
+                     "bytes": 0, "GBps": float("nan"), "copy_frac": float("nan"), "rel_err": sum(e) / len(e),
+                     "rel_err_layers": " ".join(f"{x:.4f}" for x in e)})
+        print(f"  real K/V ({data['source']}, layers {data['layers']}): {name:<28} err={sum(e) / len(e):.4f}",
+              flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ compile
 def _warm(job) -> None:
     """Compile (into Triton's on-disk cache) every kernel one process of `precompile` is given, on tiny inputs:
@@ -235,18 +283,25 @@ def _warm(job) -> None:
     from hack_kernels.kivi_decode import kivi_decode
     from hack_kernels.quantize import quantize_blocks
 
-    model, hcfgs, quant = job
+    model, hcfgs, quant, kivi_bits, prefill_ops = job
     Hq, H, D = bd.SHAPES[model]
     q, k, v = bd.realistic_kv(1, Hq, H, 700, D)
-    if hcfgs is None:
-        kt, rk, rv, nq, nr = bd.kivi_store(k, v)
-        kivi_decode(kt, rk, rv, nq, nr, q, 0.1, 2, 32)
-        dequant_kivi(kt, int(nq[0]), 2, 32, out=(torch.empty_like(k), torch.empty_like(v)))
-    for layout, bits, part, operand, nw in hcfgs or ():
+    for bits in kivi_bits:
+        kt, rk, rv, nq, nr = bd.kivi_store(k, v, bits=bits)
+        kivi_decode(kt, rk, rv, nq, nr, q, 0.1, bits, 32)
+        if bits == 2:
+            dequant_kivi(kt, int(nq[0]), 2, 32, out=(torch.empty_like(k), torch.empty_like(v)))
+    for layout, bits, part, operand, nw in hcfgs:
         hack_decode(bd.hack_store(k, v, layout, bits, part), q, 0.1, operand=operand, num_warps=nw)
     for bits, part in quant:
         for per_channel in (True, False):
             quantize_blocks(k[0, :, :part * 4].reshape(-1, part, D), bits, min(part, D), per_channel, per_channel)
+    for op in prefill_ops:
+        from hack_kernels.prefill import hack_prefill
+
+        kv = bd.hack_store(k, v, "channel", 2, 64)
+        hack_prefill(kv, q[:, :, None].expand(-1, -1, 8, -1).contiguous(), 0.1, torch.full((1,), 692, dtype=torch.int32,
+                     device=q.device), operand=op)
     torch.cuda.synchronize()
 
 
@@ -254,12 +309,16 @@ def precompile(cfg: KernelBenchConfig, cases: list) -> None:
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    jobs = {(m, None, ()) for m, *_ in cases}  # KIVI's kernels per attention shape
+    jobs = {(m, (), (), (2,), ()) for m, *_ in cases}  # KIVI's kernels per attention shape
     for m, _, _, hcfgs in cases:
-        jobs |= {(m, (h,), ()) for h in hcfgs}
+        jobs |= {(m, (h,), (), (), ()) for h in hcfgs}
     if "quantize" in cfg.sections:
         parts = sorted({cfg.partition, *cfg.variant_partitions})
-        jobs |= {(cfg.models[0], (), ((b, p),)) for b in sorted({cfg.bits, *cfg.variant_bits}) for p in parts}
+        jobs |= {(cfg.models[0], (), ((b, p),), (), ()) for b in sorted({cfg.bits, *cfg.variant_bits}) for p in parts}
+    if "errors" in cfg.sections and Path(cfg.kv_file).exists():
+        jobs |= {("smollm2", (h,), (), (), ()) for h in error_cfgs(cfg)} | {("smollm2", (), (), (2, 4), ())}
+    if "prefill" in cfg.sections:
+        jobs |= {(cfg.models[0], (), (), (), (op,)) for op in ("int8", "fp16")}
     with cf.ProcessPoolExecutor(cfg.compile_workers, mp_context=mp.get_context("spawn")) as pool:
         for job, fut in [(j, pool.submit(_warm, j)) for j in sorted(jobs, key=str)]:
             try:
@@ -311,6 +370,11 @@ def run_bench(cfg: KernelBenchConfig, out_dir, command: str = "") -> dict:
         write(out, rows, meta)
     if "quantize" in cfg.sections:
         rows += quantize_rows(cfg, ceil)
+    if "errors" in cfg.sections:
+        if Path(cfg.kv_file).exists():
+            rows += error_rows(cfg)
+        else:
+            print(f"errors: no {cfg.kv_file} (python -m hack_kernels.capture_kv)", flush=True)
     if "prefill" in cfg.sections:
         try:
             from hack_kernels.prefill import bench_rows
@@ -404,6 +468,7 @@ def main(argv=None) -> None:
     for f in ("partition", "bits", "quantize_tokens", "replays", "seed", "compile_workers"):
         p.add_argument("--" + f.replace("_", "-"), type=int)
     p.add_argument("--time-budget-s", type=float)
+    p.add_argument("--kv-file")
     args = vars(p.parse_args(argv))
     out = args.pop("out")
     ints = {"contexts", "batches", "variant_partitions", "variant_bits", "variant_contexts"}

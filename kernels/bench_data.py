@@ -14,7 +14,7 @@ from hack_kernels.quantize import quantize_blocks
 
 # Attention shapes (query heads, KV heads, head dim) of the models in conf/model/.
 SHAPES = {"llama31_8b": (32, 8, 128), "qwen3_8b": (32, 8, 128), "mistral_7b": (32, 8, 128),
-          "llama31_70b": (64, 8, 128)}
+          "llama31_70b": (64, 8, 128), "smollm2": (9, 3, 64)}  # smollm2: the captured real K/V (errors section)
 
 
 def realistic_kv(batch: int, q_heads: int, kv_heads: int, tokens: int, head_dim: int, seed: int = 0,

@@ -343,11 +343,12 @@ def plan_splits(programs: int, max_blocks: int, device, waves: float = 4) -> tup
 
 def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int8", max_blocks: int | None = None,
                 splits: int | None = None, num_warps: int = 2, num_stages: int = 3, maxnreg: int | None = None,
-                waves: float = 4) -> torch.Tensor:
+                waves: float | None = None) -> torch.Tensor:
     """Decode attention of q (B, Hq, D) (one new token per sequence) over kv -> (B, Hq, D) in q's dtype.
 
     max_blocks: max over sequences of n_closed (pass it to avoid a device sync). num_warps=2 measured fastest on
-    H100 (kernels/NOTES.md); waves: target programs per SM when choosing the number of splits.
+    H100 (kernels/NOTES.md); waves: target programs per SM when choosing the number of splits (measured best: 4
+    for few (sequence, head) pairs, 8 for many).
     """
     B, Hq, D = q.shape
     H = kv.k_codes.shape[1]
@@ -357,6 +358,7 @@ def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int
     oper, dt = dot_dtypes(operand)
     if max_blocks is None:
         max_blocks = int(kv.n_closed.max())
+    waves = waves or (4 if B * H < 32 else 8)
     nsplit, per = (plan_splits(B * H, max_blocks, q.device, waves) if splits is None
                    else (splits, -(-max_blocks // splits)))
     qs = (q.float() * (scaling * LOG2E)).contiguous()  # (B, Hq, D): base-2 logits
