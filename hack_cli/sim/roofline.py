@@ -28,6 +28,7 @@ bytes per token.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -36,6 +37,7 @@ import numpy as np
 
 from hack_cli.errors import HackError
 from hack_cli.sim.catalog import GPU, get_gpu
+from hack_cli.sim.payload import exact_bytes
 
 ALLREDUCE_LATENCY_S = 10e-6  # assumed per all-reduce (order of NCCL's small-message latency on one node)
 WEIGHT_HEADROOM = 0.9  # weights (+ the decode KV budget) must fit this share of the TP group's GPU memory
@@ -116,7 +118,7 @@ class Costs:
                  link_gbps: float, decode_kv_budget_gb: float = 0.0):
         self.profile, self.method = profile, method
         self.src, self.tgt = Arch.of(profile["model"]["architecture"]), Arch.of(arch)
-        self.dtype = DTYPE_ARITHMETIC[dtype]
+        self.dtype, self.model_dtype = DTYPE_ARITHMETIC[dtype], dtype
         self.dtype_bytes = 4 if dtype == "float32" else 2
         self.source = None if profile["card"] in ("cpu", None) else get_gpu(profile["card"])
         self.prefill_gpu, self.decode_gpu = self._target(prefill_gpu), self._target(decode_gpu)
@@ -195,13 +197,28 @@ class Costs:
         B = len(contexts)
         return evaluate(self.coef["decode"], B=B, C=sum(contexts)) + self._allreduce(B, self.decode_gpu, self.tp_decode)
 
+    @functools.cached_property
+    def exact(self) -> bool:
+        """Whether `payload.exact_bytes` reproduces the bytes the profile measured (at its longest prompt)."""
+        table, s = self.method["bytes"], self.src
+        L, measured = table["tokens"][-1], table["payload"][-1]
+        exact = exact_bytes(self.method["quant"], s.layers, s.kv_heads, s.head_dim, self.profile["model"]["dtype"], L)
+        return exact is not None and exact[0] == measured
+
     def _bytes(self, kind: str, tokens: int) -> int:
+        if self.exact:
+            t = self.tgt
+            payload, stored = exact_bytes(self.method["quant"], t.layers, t.kv_heads, t.head_dim, self.model_dtype,
+                                          tokens)
+            return payload if kind == "payload" else stored
         table = self.method["bytes"]
         per_token = np.interp(tokens, table["tokens"], np.asarray(table[kind]) / np.asarray(table["tokens"]))
         return int(round(per_token * tokens * self.tgt.kv_width / self.src.kv_width))
 
     def payload_bytes(self, L: int) -> int:
-        """The method's transfer bytes for an L-token prompt (exact at the profiled lengths, interpolated)."""
+        """The method's transfer bytes for an L-token prompt: exact (`payload.exact_bytes`, where it reproduces the
+        profile's measured bytes), else the profile's bytes per token interpolated between its lengths and scaled
+        by the model's KV size."""
         return self._bytes("payload", L)
 
     def wire_bytes(self, L: int) -> int:

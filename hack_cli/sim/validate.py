@@ -51,6 +51,23 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def replay(records: list, profile: dict, quant: dict, bandwidth_gbps: float, budget_gb: float) -> tuple[str, list]:
+    """Simulate the requests of a measured run (its `RequestRecord`s: arrival, lengths, warm-up flags) with
+    `quant` on the profiled card itself; returns (profile label, simulated records)."""
+    from hack_cli.serve.trace import Request
+    from hack_cli.sim.engine import simulate
+    from hack_cli.sim.profile import method_entry
+    from hack_cli.sim.roofline import Costs
+
+    records = sorted(records, key=lambda r: r.rid)
+    requests = [Request(r.rid, r.arrival, r.prompt_len, r.output_len) for r in records]
+    label, entry = method_entry(profile, quant)
+    card = "local" if profile["card"] == "cpu" else profile["card"]
+    costs = Costs(profile, entry, profile["model"]["architecture"], profile["model"]["dtype"], card, card,
+                  bandwidth_gbps, budget_gb)
+    return label, simulate(requests, costs, budget_gb * 1e9, sum(r.warmup for r in records))
+
+
 def simulate_twins(root: Path, profile_path: Path) -> int:
     """Write the simulated twin of every measured run; returns how many."""
     import json
@@ -59,13 +76,9 @@ def simulate_twins(root: Path, profile_path: Path) -> int:
 
     from hack_cli.methods import quant_schema
     from hack_cli.serve.metrics import read_per_request_csv, summarize, write_per_request_csv, write_summary
-    from hack_cli.serve.trace import Request
-    from hack_cli.sim.engine import simulate
-    from hack_cli.sim.profile import REPO, load_profile, method_entry
-    from hack_cli.sim.roofline import Costs
+    from hack_cli.sim.profile import REPO, load_profile
 
     profile = load_profile(profile_path)
-    card = profile["card"]
     count = 0
     for path in sorted((root / "jct").rglob("summary.json")):
         real = json.loads(path.read_text())
@@ -73,23 +86,18 @@ def simulate_twins(root: Path, profile_path: Path) -> int:
         if real.get("simulated") or not csv_path.exists() or real.get("model") != profile["model"]["name"]:
             continue
         records = read_per_request_csv(csv_path)
-        requests = [Request(r.rid, r.arrival, r.prompt_len, r.output_len) for r in sorted(records, key=lambda r: r.rid)]
-        warmup = sum(r.warmup for r in records)
         quant_file = REPO / "conf" / "quant" / f"{real['method']}.yaml"
         quant = yaml.safe_load(quant_file.read_text()) if quant_file.exists() else {"name": real["method"]}
         quant = dataclasses.asdict(quant_schema(quant["name"])(**quant))
-        label, entry = method_entry(profile, quant)
-        costs = Costs(profile, entry, profile["model"]["architecture"], profile["model"]["dtype"], card, card,
-                      real["bandwidth_gbps"], real["decode_kv_budget_gb"])
-        sim = simulate(requests, costs, real["decode_kv_budget_gb"] * 1e9, warmup)
+        label, sim = replay(records, profile, quant, real["bandwidth_gbps"], real["decode_kv_budget_gb"])
         out = root / "sim" / "validation" / path.parent.relative_to(root / "jct")
         out.mkdir(parents=True, exist_ok=True)
         write_per_request_csv(out / "per_request.csv", sim)
-        summary = summarize(sim, warmup, simulated=True)
+        summary = summarize(sim, sum(r.warmup for r in records), simulated=True)
         summary.update({k: real[k] for k in ("method", "model", "trace", "rate", "bandwidth_gbps",
                                              "decode_kv_budget_gb") if k in real},
-                       method_label=label, profile_card=card, prefill_gpu=card, decode_gpu=card,
-                       measured_run=str(path.parent.relative_to(root)))
+                       method_label=label, profile_card=profile["card"], prefill_gpu=profile["card"],
+                       decode_gpu=profile["card"], measured_run=str(path.parent.relative_to(root)))
         write_summary(out / "summary.json", summary)
         count += 1
     return count
