@@ -24,6 +24,9 @@ app = typer.Typer(
     help="HACK: homomorphic KV-cache quantization for disaggregated LLM inference, and the methods it competes "
          "with. Every command reads its config from conf/ (see it with --cfg job), takes Hydra overrides, and "
          "writes config.yaml, metrics.json and its rows under runs/ (choose with out_dir=PATH).",
+    epilog="Examples: [bold]hack eval accuracy[/bold] (the embedded default, offline) · "
+           "[bold]hack eval ppl -m quant=fp16,hack quant.bits=4,2[/bold] (a sweep) · "
+           "[bold]hack bench jct --cfg job[/bold] (show the config) · [bold]hack eval --help[/bold]",
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, rich_markup_mode="rich")
 eval_app = typer.Typer(help="Model quality with each KV method: perplexity, task accuracy.", no_args_is_help=True)
 bench_app = typer.Typer(help="Speed: disaggregated serving JCT, attention kernels, cost profiles.",
