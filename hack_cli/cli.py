@@ -25,7 +25,7 @@ app = typer.Typer(
          "with. Every command reads its config from conf/ (see it with --cfg job), takes Hydra overrides, and "
          "writes config.yaml, metrics.json and its rows under runs/ (choose with out_dir=PATH).",
     epilog="Examples: [bold]hack eval accuracy[/bold] (the embedded default, offline) · "
-           "[bold]hack eval ppl -m quant=fp16,hack quant.bits=4,2[/bold] (a sweep) · "
+           "[bold]hack eval ppl -m quant=hack quant.bits=8,4,2[/bold] (a sweep) · "
            "[bold]hack bench jct --cfg job[/bold] (show the config) · [bold]hack eval --help[/bold]",
     no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False, rich_markup_mode="rich")
 eval_app = typer.Typer(help="Model quality with each KV method: perplexity, task accuracy.", no_args_is_help=True)
