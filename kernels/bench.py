@@ -420,31 +420,50 @@ def table(rows: list, card: str) -> str:
 
 
 def plot(out: Path, rows: list, card: str) -> None:
-    """Speed-up over BF16 SDPA against context, one panel per (model, batch)."""
+    """bench.png: speed-up over BF16 SDPA against context for the methods of the main sweep, one panel per (model,
+    batch); bench_variants.png: every HACK variant (Π, bits, layout, operand) at the variant points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["model"], r["batch"]) for r in rows if "vs_sdpa" in r})
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (model, batch) in zip(axes[0], panels):
-        sel = [r for r in rows if r["model"] == model and r["batch"] == batch and "vs_sdpa" in r]
-        for method in sorted({r["method"] for r in sel}):
-            pts = sorted((r["context"], r["vs_sdpa"]) for r in sel if r["method"] == method)
-            if len(pts) > 1:
+    timed = [r for r in rows if "vs_sdpa" in r and not r["method"].startswith("prefill")]
+    spans = {}
+    for r in timed:
+        spans.setdefault((r["model"], r["method"]), set()).add(r["context"])
+    main = [r for r in timed if len(spans[(r["model"], r["method"])]) > 2]
+    panels = sorted({(r["model"], r["batch"]) for r in main})
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+        for ax, (model, batch) in zip(axes[0], panels):
+            sel = [r for r in main if r["model"] == model and r["batch"] == batch]
+            for method in sorted({r["method"] for r in sel}):
+                pts = sorted({(r["context"], r["vs_sdpa"]) for r in sel if r["method"] == method})
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        ax.axhline(1, color="gray", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{model}, batch {batch}")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("speed-up vs BF16 SDPA")
-    axes[0][0].legend(fontsize=6)
-    fig.suptitle(f"decode attention, {card}")
-    fig.tight_layout()
-    fig.savefig(out / "bench.png", dpi=120)
+            ax.axhline(1, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{model}, batch {batch}")
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel("speed-up vs BF16 SDPA")
+        axes[0][0].legend(fontsize=6)
+        fig.suptitle(f"decode attention, {card}")
+        fig.tight_layout()
+        fig.savefig(out / "bench.png", dpi=120)
+    var = [r for r in timed if r["method"].startswith("hack") and len(spans[(r["model"], r["method"])]) <= 2]
+    points = sorted({(r["model"], r["context"], r["batch"]) for r in var})
+    if points:
+        fig, axes = plt.subplots(1, len(points), figsize=(4.2 * len(points), 6), squeeze=False)
+        for ax, (model, ctx, batch) in zip(axes[0], points):
+            sel = sorted((r for r in timed if (r["model"], r["context"], r["batch"]) == (model, ctx, batch)
+                          and r["method"].startswith("hack")), key=lambda r: r["method"])
+            ax.barh([r["method"][5:] for r in sel], [r["vs_sdpa"] for r in sel])
+            ax.axvline(1, color="gray", lw=0.8)
+            ax.tick_params(axis="y", labelsize=6)
+            ax.set_title(f"{model}, {ctx // 1024}K, batch {batch}", fontsize=8)
+            ax.set_xlabel("speed-up vs BF16 SDPA")
+        fig.suptitle(f"HACK decode variants, {card}")
+        fig.tight_layout()
+        fig.savefig(out / "bench_variants.png", dpi=120)
 
 
 def run(job) -> dict:
@@ -469,8 +488,15 @@ def main(argv=None) -> None:
         p.add_argument("--" + f.replace("_", "-"), type=int)
     p.add_argument("--time-budget-s", type=float)
     p.add_argument("--kv-file")
+    p.add_argument("--replot", metavar="BENCH_JSON", help="only redraw the plots of a finished run into --out")
     args = vars(p.parse_args(argv))
-    out = args.pop("out")
+    out, replot = args.pop("out"), args.pop("replot")
+    if replot:
+        data = json.loads(Path(replot).read_text())
+        Path(out).mkdir(parents=True, exist_ok=True)
+        plot(Path(out), data["rows"], data["card"])
+        print(table(data["rows"], data["card"]))
+        return
     ints = {"contexts", "batches", "variant_partitions", "variant_bits", "variant_contexts"}
     kw = {k: ([int(x) for x in v] if k in ints else v) for k, v in args.items() if v is not None}
     run_bench(KernelBenchConfig(**kw), out, command="python -m hack_kernels.bench " + " ".join(sys.argv[1:]))
