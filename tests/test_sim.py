@@ -1,5 +1,6 @@
 """The JCT simulator: GPU catalog, roofline scaling, discrete-event engine invariants."""
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -175,3 +176,40 @@ def test_tokens_and_reservation_follow_the_serving_semantics():
 def test_request_larger_than_the_budget_is_an_error():
     with pytest.raises(HackError, match="decode KV"):
         _run(0.1)
+
+
+# ---------------------------------------------------------------------------------------------- profile and bytes
+def test_fit_recovers_the_cost_model():
+    from hack_cli.sim.profile import fit
+
+    rows = [{"L": L, "prefill": 0.02 + 3e-5 * L + 4e-10 * L * L} for L in (512, 2048, 4096, 8192, 16384)]
+    got = fit("prefill", rows)
+    assert got["coef"] == pytest.approx([0.02, 3e-5, 4e-10], rel=1e-6) and got["max_rel_err"] < 1e-9
+    rows = [{"B": B, "C": B * C, "decode": 0.06 + 0.014 * B + 6e-8 * B * C} for B in (1, 4, 8) for C in (2048, 16384)]
+    assert fit("decode", rows)["coef"] == pytest.approx([0.06, 0.014, 6e-8], rel=1e-6)
+
+
+@pytest.mark.parametrize("quant", [{"name": "hack"}, {"name": "hack", "partition": 32}, {"name": "kivi"},
+                                   {"name": "fp16"}])
+def test_exact_bytes_extend_periodically_to_long_prompts(quant):
+    from hack_cli.methods import quant_schema
+    from hack_cli.sim.payload import BASE, PERIOD, _layer_bytes, exact_bytes
+
+    full = dataclasses.asdict(quant_schema(quant["name"])(**quant))
+    key = (json.dumps(full, sort_keys=True), 2, 64, "bfloat16")
+    for tokens in (BASE + PERIOD + 5, BASE + 3 * PERIOD + 77):  # built directly vs from two short stores
+        assert exact_bytes(full, 3, 2, 64, "bfloat16", tokens) == tuple(3 * x for x in _layer_bytes(*key, tokens))
+
+
+def test_method_labels_and_profile_lookup():
+    from hack_cli.methods import quant_schema
+    from hack_cli.sim.profile import method_entry, method_label
+
+    hack = dataclasses.asdict(quant_schema("hack")())
+    v1 = {**hack, "layout": "token", "quantized_prefill": True}
+    assert [method_label(q) for q in (hack, v1, {**hack, "partition": 32}, {"name": "kivi"})] == \
+        ["hack", "hack_v1", "hack_p32", "kivi"]
+    prof = profile(hack=entry("hack", **{k: v for k, v in hack.items() if k != "name"}))
+    assert method_entry(prof, {**hack, "seed": 7, "backend": "reference"})[0] == "hack"
+    with pytest.raises(HackError, match="no method with quant"):
+        method_entry(prof, v1)

@@ -140,7 +140,7 @@ def fp16_shares(r: Results) -> Optional[str]:
     return "; ".join(parts) or None
 
 
-GPUS = ["gpus_8b", "gpus_70b"]  # bundles of the JCT study across prefill GPUs
+GPUS = ["gpus_8b", "gpus_70b", "gpus_8b_kvquant", "gpus_70b_kvquant"]  # the JCT study across prefill GPUs
 V100 = ["v100", "v100_32"]
 CLAIMS = [
     Claim("§1", "FP16 disaggregated: KV transfer up to 42.2%, prefill up to 45.6%, decode up to 83.3% of JCT",

@@ -16,22 +16,14 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from hack_cli.sim.profile import method_label  # noqa: F401 (the labels the whole report uses)
+
 METRICS = ("jct_mean", "jct_p50", "jct_p99", "ttft_mean", "tpot_mean", "queue_prefill_mean", "prefill_mean",
            "compress_mean", "queue_link_mean", "transfer_mean", "queue_decode_mean", "install_mean", "decode_mean",
            "bytes_sent_per_request", "payload_bytes", "peak_decode_kv_bytes", "peak_decode_kv_stored_bytes",
            "peak_concurrency", "num_requests", "num_measured")
 PHASES = ("queue_prefill", "prefill", "compress", "queue_link", "transfer", "queue_decode", "install", "decode")
 METHOD_ORDER = ("fp16", "fp8", "kivi", "kvquant", "cachegen", "hack_p32", "hack", "hack_p128", "hack_v1")
-
-
-def method_label(quant: dict) -> str:
-    """fp16, kivi, ...; HACK: `hack` (artifact layout, Π=64), `hack_v1` (token layout), `hack_p32` (other Π)."""
-    name = quant.get("name") or "?"
-    if name != "hack":
-        return name
-    label = "hack_v1" if quant.get("layout") == "token" else "hack"
-    partition = quant.get("partition", 64)
-    return label if partition in (None, 64) else f"{label}_p{partition}"
 
 
 def method_key(label: str) -> tuple:

@@ -44,7 +44,7 @@ class ProfileConfig:
     batches: list[int] = field(default_factory=lambda: [1, 2, 4])  # decode batch sizes
     decode_steps: int = 3  # timed decode iterations per (batch, context) point
     repeats: int = 2  # timed prompts per length (median)
-    label: Optional[str] = None  # the method's name in the profile (default quant.name), e.g. hack_v1
+    label: Optional[str] = None  # the method's name in the profile (default `method_label`: hack, hack_v1, hack_p32)
     out: Optional[str] = None  # profile file (default results/profiles/<card>_<model>.json); merged into
     time_budget_s: float = 0.0  # stop measuring new points after this many seconds (0: no limit)
     quantized_prefill_max_len: int = 4096  # homomorphic prefill (reference) materializes L x L scores: cap L
@@ -56,6 +56,16 @@ class ProfileConfig:
                 raise HackError(f"profile.{key}={list(values)!r} is not allowed: expected positive integers")
         if len(self.lengths) < 3 or len(self.contexts) * len(self.batches) < 3:
             raise HackError("profile needs >= 3 prompt lengths and >= 3 (batch, context) points to fit its phases")
+
+
+def method_label(quant: dict) -> str:
+    """fp16, kivi, ...; HACK: `hack` (artifact layout, Π=64), `hack_v1` (token layout), `hack_p32` (other Π)."""
+    name = quant.get("name") or "?"
+    if name != "hack":
+        return name
+    label = "hack_v1" if quant.get("layout") == "token" else "hack"
+    partition = quant.get("partition", 64)
+    return label if partition in (None, 64) else f"{label}_p{partition}"
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -284,7 +294,7 @@ def run(job) -> dict:
     """`hack bench profile`: profile `quant` on `model` and merge it into the profile file."""
     cfg: ProfileConfig = job.typed["profile"]
     quant = job.typed["quant"]
-    label = cfg.label or quant.name
+    label = cfg.label or method_label(dataclasses.asdict(quant))
     device = pick_device(job.typed["cluster"].prefill_device)
     path, errors = profile_all(job.typed["model"], [(label, quant)], device, cfg)
     if label not in errors:
@@ -327,8 +337,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         path = conf / "quant" / f"{preset}.yaml"
         fields = yaml.safe_load(path.read_text()) if path.exists() else {"name": preset}  # schema defaults
         fields.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
-        label = "_".join([preset, *(o.replace("=", "") for o in overrides)])
-        quants.append((label, quant_schema(fields["name"])(**fields)))
+        quant = quant_schema(fields["name"])(**fields)
+        quants.append((method_label(dataclasses.asdict(quant)), quant))
     cfg = ProfileConfig(a.lengths, a.contexts, a.batches, a.decode_steps, a.repeats, None, a.out, a.time_budget,
                         a.quantized_prefill_max_len)
     path, errors = profile_all(mc, quants, pick_device(a.device), cfg)

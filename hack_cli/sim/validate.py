@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+PHASES = ("queue_prefill", "prefill", "compress", "queue_link", "transfer", "queue_decode", "install", "decode")
 KEYS = ["method", "model", "trace", "rate", "bandwidth_gbps", "budget_gb", "num_requests", "card"]
 TOLERANCE = 0.10  # the issue's target: mean JCT within 10%
 
@@ -24,7 +25,7 @@ def validation_table(results) -> pd.DataFrame:
     sim = results.select(True, bundle="validation")
     if real.empty or sim.empty:
         return pd.DataFrame(columns=[*KEYS, "measured_jct", "simulated_jct", "error"])
-    cols = ["jct_mean", "jct_p99", "ttft_mean", "transfer_mean", "decode_mean", "queue_decode_mean"]
+    cols = ["jct_mean", "jct_p99", "ttft_mean", "tpot_mean", *[f"{p}_mean" for p in PHASES]]
     both = real[["dir"] + KEYS + cols].merge(sim[["measured_run"] + cols], left_on="dir", right_on="measured_run",
                                              suffixes=("_real", "_sim"))
     both = both.rename(columns={"jct_mean_real": "measured_jct", "jct_mean_sim": "simulated_jct"})
@@ -37,18 +38,24 @@ def to_markdown(table: pd.DataFrame) -> str:
         return ("No measured run has a simulated twin yet: measured runs come from `hack bench jct` on 2 GPUs "
                 "(results/jct/), their twins from `python -m hack_cli.sim.validate` (results/sim/validation/).\n")
     lines = ["| method | trace | rate | Gbit/s | budget GB | n | measured JCT (s) | simulated JCT (s) | error | "
-             "P99 meas/sim (s) | TTFT meas/sim (s) | within 10% |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "P99 meas/sim (s) | TTFT meas/sim (s) | TPOT meas/sim (ms) | within 10% |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         ok = "yes" if abs(r["error"]) <= TOLERANCE else "**no**"
         lines.append(f"| {r['method']} | {r['trace']} | {r['rate']} | {r['bandwidth_gbps']:g} | {r['budget_gb']:g} | "
                      f"{int(r['num_requests'])} | {r['measured_jct']:.2f} | {r['simulated_jct']:.2f} | "
                      f"{100 * r['error']:+.1f}% | {r['jct_p99_real']:.2f} / {r['jct_p99_sim']:.2f} | "
-                     f"{r['ttft_mean_real']:.2f} / {r['ttft_mean_sim']:.2f} | {ok} |")
+                     f"{r['ttft_mean_real']:.2f} / {r['ttft_mean_sim']:.2f} | "
+                     f"{1e3 * r['tpot_mean_real']:.0f} / {1e3 * r['tpot_mean_sim']:.0f} | {ok} |")
     worst = table["error"].abs().max()
     lines.append(f"\n{len(table)} pairs; largest |error| {100 * worst:.1f}% "
                  f"({'all' if worst <= TOLERANCE else 'not all'} within {100 * TOLERANCE:.0f}%).\n")
-    return "\n".join(lines)
+    lines += ["Where the difference comes from: mean seconds per request in each phase, measured / simulated.\n",
+              "| method | rate | n | " + " | ".join(PHASES) + " |", "|---|---|---|" + "---|" * len(PHASES)]
+    for _, r in table.iterrows():
+        lines.append(f"| {r['method']} | {r['rate']} | {int(r['num_requests'])} | " + " | ".join(
+            f"{r[p + '_mean_real']:.3f} / {r[p + '_mean_sim']:.3f}" for p in PHASES) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def replay(records: list, profile: dict, quant: dict, bandwidth_gbps: float, budget_gb: float) -> tuple[str, list]:
@@ -115,7 +122,10 @@ def main(argv=None) -> None:
     root = Path(a.results)
     print(f"simulated {simulate_twins(root, Path(a.profile))} measured runs")
     results = Results.load(root)
-    text = "# Simulator validation: simulated vs measured mean JCT\n\n" + to_markdown(validation_table(results))
+    text = ("# Simulator validation: simulated vs measured mean JCT\n\nEach measured run of `results/jct/` (see its "
+            "README for the card and the run's known issues) against its simulated twin: the same requests, "
+            f"method, link and budget through the simulator with `{a.profile}`, unscaled. Regenerate with "
+            "`python -m hack_cli.sim.validate`.\n\n" + to_markdown(validation_table(results)))
     (root / "sim").mkdir(parents=True, exist_ok=True)
     (root / "sim" / "validation.md").write_text(text)
     print(text)
