@@ -39,6 +39,7 @@ class KernelBenchConfig:
     variant_layouts: list[str] = field(default_factory=lambda: ["channel", "token"])
     variant_contexts: list[int] = field(default_factory=lambda: [32768, 131072])
     quantize_tokens: int = 16384
+    quantize_warps: list[int] = field(default_factory=lambda: [0])  # 0: the kernel's own choice
     prefill_context: int = 16384
     sections: list[str] = field(default_factory=lambda: list(SECTIONS))
     replays: int = 15
@@ -206,21 +207,23 @@ def quantize_rows(cfg: KernelBenchConfig, ceil: dict) -> list:
     _, k, v = realistic_kv(1, H, H, cfg.quantize_tokens, D, seed=cfg.seed)
     for bits in sorted({cfg.bits, *cfg.variant_bits}):
         for part in sorted({cfg.partition, *cfg.variant_partitions}):
-            c = min(part, D)
-            kb, vb = (x.reshape(-1, part, D) for x in (k, v))
-            outs = {}
+            for nw in cfg.quantize_warps:
+                c = min(part, D)
+                kb, vb = (x.reshape(-1, part, D) for x in (k, v))
+                outs = {}
 
-            def step():
-                outs["k"] = quantize_blocks(kb, bits, c, per_channel=True, token_sums=True)
-                outs["v"] = quantize_blocks(vb, bits, c, per_channel=False, token_sums=False)
+                def step():
+                    outs["k"] = quantize_blocks(kb, bits, c, per_channel=True, token_sums=True, num_warps=nw or None)
+                    outs["v"] = quantize_blocks(vb, bits, c, per_channel=False, token_sums=False, num_warps=nw or None)
 
-            us = time_graph([step], cfg.replays)
-            nbytes = k.nbytes + v.nbytes + sum(t.nbytes for o in outs.values() for t in o.values())
-            rows.append({"model": cfg.models[0], "context": cfg.quantize_tokens, "batch": 1, "method":
-                         f"quantize_b{bits}_p{part}", "us": us, "bytes": nbytes, "GBps": nbytes / us / 1e3,
-                         "copy_frac": nbytes / us / 1e3 / ceil["copy_GBps"], "bits": bits, "partition": part})
-            print(f"  quantize K+V b{bits} Π={part}: {us:.1f} us, {nbytes / us / 1e3:.0f} GB/s "
-                  f"({rows[-1]['copy_frac']:.0%} of copy)", flush=True)
+                us = time_graph([step], cfg.replays)
+                nbytes = k.nbytes + v.nbytes + sum(t.nbytes for o in outs.values() for t in o.values())
+                rows.append({"model": cfg.models[0], "context": cfg.quantize_tokens, "batch": 1, "method":
+                             f"quantize_b{bits}_p{part}_w{nw}", "us": us, "bytes": nbytes, "GBps": nbytes / us / 1e3,
+                             "copy_frac": nbytes / us / 1e3 / ceil["copy_GBps"], "bits": bits, "partition": part,
+                             "num_warps": nw})
+                print(f"  quantize K+V b{bits} Π={part} w{nw}: {us:.1f} us, {nbytes / us / 1e3:.0f} GB/s "
+                      f"({rows[-1]['copy_frac']:.0%} of copy)", flush=True)
     return rows
 
 
@@ -293,9 +296,10 @@ def _warm(job) -> None:
             dequant_kivi(kt, int(nq[0]), 2, 32, out=(torch.empty_like(k), torch.empty_like(v)))
     for layout, bits, part, operand, nw in hcfgs:
         hack_decode(bd.hack_store(k, v, layout, bits, part), q, 0.1, operand=operand, num_warps=nw)
-    for bits, part in quant:
+    for bits, part, nw in quant:
         for per_channel in (True, False):
-            quantize_blocks(k[0, :, :part * 4].reshape(-1, part, D), bits, min(part, D), per_channel, per_channel)
+            quantize_blocks(k[0, :, :part * 4].reshape(-1, part, D), bits, min(part, D), per_channel, per_channel,
+                            num_warps=nw or None)
     for op in prefill_ops:
         from hack_kernels.prefill import hack_prefill
 
@@ -314,7 +318,8 @@ def precompile(cfg: KernelBenchConfig, cases: list) -> None:
         jobs |= {(m, (h,), (), (), ()) for h in hcfgs}
     if "quantize" in cfg.sections:
         parts = sorted({cfg.partition, *cfg.variant_partitions})
-        jobs |= {(cfg.models[0], (), ((b, p),), (), ()) for b in sorted({cfg.bits, *cfg.variant_bits}) for p in parts}
+        jobs |= {(cfg.models[0], (), ((b, p, w),), (), ()) for b in sorted({cfg.bits, *cfg.variant_bits})
+                 for p in parts for w in cfg.quantize_warps}
     if "errors" in cfg.sections and Path(cfg.kv_file).exists():
         jobs |= {("smollm2", (h,), (), (), ()) for h in error_cfgs(cfg)} | {("smollm2", (), (), (2, 4), ())}
     if "prefill" in cfg.sections:
@@ -484,6 +489,7 @@ def main(argv=None) -> None:
               "variant_layouts", "variant_contexts"):
         p.add_argument("--" + f.replace("_", "-"), nargs="+")
     p.add_argument("--num-warps", nargs="+", type=int)
+    p.add_argument("--quantize-warps", nargs="+", type=int)
     for f in ("partition", "bits", "quantize_tokens", "replays", "seed", "compile_workers"):
         p.add_argument("--" + f.replace("_", "-"), type=int)
     p.add_argument("--time-budget-s", type=float)

@@ -82,9 +82,10 @@ def sum_dtype(count: int, bits: int) -> torch.dtype:
 
 def quantize_blocks(x: torch.Tensor, bits: int, group: int, per_channel: bool, token_sums: bool,
                     rounding: str = "nearest", seed: int = 0, meta_dtype: torch.dtype = torch.float16,
-                    out: dict | None = None) -> dict[str, torch.Tensor]:
+                    out: dict | None = None, num_warps: int | None = None) -> dict[str, torch.Tensor]:
     """x (NBLK, Π, D) whole blocks -> dict codes (NBLK, Π, D·b/8) uint8, mn/scale ((NBLK, D) per_channel, else
-    (NBLK, Π, G)) in meta_dtype, sums ((NBLK, Π, G) with token_sums, else (NBLK, D)). `out` may supply the tensors."""
+    (NBLK, Π, G)) in meta_dtype, sums ((NBLK, Π, G) with token_sums, else (NBLK, D)). `out` may supply the tensors.
+    num_warps: None picks 2 warps for blocks of up to 8192 elements, else 4."""
     nblk, P, D = x.shape
     G = D // group
     if out is None:
@@ -94,9 +95,12 @@ def quantize_blocks(x: torch.Tensor, bits: int, group: int, per_channel: bool, t
                "scale": torch.empty(meta, dtype=meta_dtype, device=x.device),
                "sums": torch.empty((nblk, P, G) if token_sums else (nblk, D),
                                    dtype=sum_dtype(group if token_sums else P, bits), device=x.device)}
+    if num_warps is None:  # ~64-128 elements a thread measured fastest on H100 (kernels/NOTES.md)
+        num_warps = 2 if P * D <= 8192 else 4
     if nblk:
         mdt = tl.bfloat16 if meta_dtype == torch.bfloat16 else tl.float16
         _quantize_kernel[(nblk,)](x.contiguous(), out["codes"], out["mn"], out["scale"], out["sums"], seed,
                                   PI=P, D=D, G=G, BITS=bits, PER_CHANNEL=per_channel, TOKEN_SUMS=token_sums,
-                                  STOCH=rounding == "stochastic", MDT=mdt, num_warps=1 if interpreting() else 4)
+                                  STOCH=rounding == "stochastic", MDT=mdt,
+                                  num_warps=1 if interpreting() else num_warps)
     return out
