@@ -50,13 +50,14 @@ def test_kmeans_matches_scikit_learn():
     from sklearn.cluster import KMeans
 
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(6, 1500, generator=g), torch.randn(6, 500, generator=g) * 3 + 2], 1)  # (6, 2000)
-    mask = torch.rand(6, 2000, generator=g) > 0.1
+    x = torch.cat([torch.randn(6, 600, generator=g), torch.randn(6, 200, generator=g) * 3 + 2], 1)  # (6, 800)
+    x[3:] = torch.randn(3, 800, generator=g) ** 3  # heavy tails: Lloyd's local optima differ
+    mask = torch.rand(6, 800, generator=g) > 0.1
     ours = kmeans_1d(x, mask, 4)
     for m in range(6):
         data = x[m][mask[m]].double().numpy()[:, None]
         inertia = lambda c: float(((data - np.asarray(c)[None]) ** 2).min(1).sum())
-        sk = KMeans(4, n_init=4, random_state=0).fit(data)
+        sk = KMeans(4, n_init=3, random_state=0).fit(data)
         assert inertia(ours[m].double().numpy()) <= sk.inertia_ * 1.01
 
 

@@ -19,31 +19,46 @@ from hack_cli.errors import HackError
 from hack_cli.methods.kvquant import invert_rope, key_outliers, rope_cos_sin, value_outliers, value_range
 
 
-def kmeans_1d(x: torch.Tensor, mask: torch.Tensor, k: int, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+def kmeans_1d(x: torch.Tensor, mask: torch.Tensor, k: int, iters: int = 100, tol: float = 1e-6,
+              restarts: int = 6) -> torch.Tensor:
     """Independent 1-D k-means problems. x, mask: (M, N) samples and which count -> (M, k) sorted centers.
 
     In 1-D each cluster is a run of the sorted samples, so after one sort a Lloyd step is a binary search for the
-    midpoints plus prefix sums: O(M·k·log N). Stops after `iters` steps or once no center moves more than `tol`.
+    midpoints plus prefix sums: O(M·k·log N). Lloyd finds a local optimum, so it starts from several spreads of the
+    samples (fixed and seeded random quantiles, evenly over the range) and keeps each problem's lowest inertia.
     """
     xs = torch.where(mask, x.double(), torch.inf).sort(1).values  # (M, N): the samples first, ascending
     n = mask.sum(1, keepdim=True)  # (M, 1)
-    csum = torch.cat([torch.zeros_like(xs[:, :1]), torch.where(xs.isinf(), 0.0, xs).cumsum(1)], 1)  # (M, N+1)
-    probs = (torch.arange(k, dtype=torch.float64, device=x.device) + 0.5) / k
-    first = ((n - 1).clamp_min(0) * probs).long()  # (M, k): start at the quantiles
-    centers = torch.where(n > 0, xs.gather(1, first), 0.0)
-    zero = torch.zeros_like(n)
-    for _ in range(iters):
-        mids = (centers[:, 1:] + centers[:, :-1]) / 2  # (M, k-1): x > mid belongs to the upper center
-        cut = torch.minimum(torch.searchsorted(xs, mids.contiguous(), right=True), n)  # (M, k-1)
-        edges = torch.cat([zero, cut, n], 1)  # (M, k+1)
-        count = (edges[:, 1:] - edges[:, :-1]).double()
-        total = csum.gather(1, edges[:, 1:]) - csum.gather(1, edges[:, :-1])
-        new = torch.where(count > 0, total / count.clamp_min(1), centers).sort(1).values
-        moved = (new - centers).abs().max()
-        centers = new
-        if moved <= tol:
-            break
-    return centers.float()
+    finite = torch.where(xs.isinf(), 0.0, xs)
+    zero = torch.zeros_like(xs[:, :1])
+    csum = torch.cat([zero, finite.cumsum(1)], 1)  # (M, N+1) prefix sums of x and x²
+    csq = torch.cat([zero, (finite ** 2).cumsum(1)], 1)
+    i = torch.arange(k, dtype=torch.float64, device=x.device)
+    lo, hi = xs[:, :1], xs.gather(1, (n - 1).clamp_min(0))
+    spreads = [(i + 0.5) / k, (i + 1) / (k + 1)]
+    gen = torch.Generator().manual_seed(0)
+    spreads += [torch.rand(k, generator=gen, dtype=torch.float64).sort().values for _ in range(restarts)]
+    inits = [xs.gather(1, ((n - 1).clamp_min(0) * p.to(x.device)).long()) for p in spreads]
+    inits.append(lo + (hi - lo) * (i + 0.5) / k)
+    best, best_cost = None, None
+    for centers in inits:
+        centers = torch.where(n > 0, centers, 0.0).sort(1).values
+        for _ in range(iters + 1):
+            mids = (centers[:, 1:] + centers[:, :-1]) / 2  # (M, k-1): x > mid belongs to the upper center
+            cut = torch.minimum(torch.searchsorted(xs, mids.contiguous(), right=True), n)  # (M, k-1)
+            edges = torch.cat([torch.zeros_like(n), cut, n], 1)  # (M, k+1)
+            seg = lambda c: c.gather(1, edges[:, 1:]) - c.gather(1, edges[:, :-1])  # (M, k) per cluster
+            count, total = (edges[:, 1:] - edges[:, :-1]).double(), seg(csum)
+            new = torch.where(count > 0, total / count.clamp_min(1), centers).sort(1).values
+            moved = (new - centers).abs().max()
+            if moved <= tol:
+                break
+            centers = new
+        cost = (seg(csq) - total ** 2 / count.clamp_min(1)).sum(1)  # (M,) inertia at the last assignment
+        better = cost < best_cost if best is not None else torch.ones_like(cost, dtype=torch.bool)
+        best = torch.where(better[:, None], centers, best) if best is not None else centers
+        best_cost = torch.where(better, cost, best_cost) if best_cost is not None else cost
+    return best.float()
 
 
 def row_quantiles(x: torch.Tensor, q: list[float]) -> torch.Tensor:
