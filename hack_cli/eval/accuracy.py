@@ -1,7 +1,7 @@
 """`hack eval accuracy`: task accuracy of a model whose KV goes through a method, on lm-eval tasks.
 
-One job evaluates `quant` and, unless `accuracy.baseline` is null, the baseline method (fp16) on the same documents,
-so a single run already gives the paired difference. Every answer is a row of `samples.jsonl`, written as it is
+One job evaluates `quant`, the baseline method (`accuracy.baseline`, fp16) and any `accuracy.methods` on the same
+documents, so a single run already gives paired differences (and the methods share each batch's 16-bit prefill). Every answer is a row of `samples.jsonl`, written as it is
 produced (key = method/task/doc id), so `resume=true` continues a killed run where it stopped. A job of a multirun
 also refreshes the sweep's `accuracy_table.md` from all its jobs' rows (`hack_cli.eval.table`).
 """
