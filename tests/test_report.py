@@ -83,7 +83,7 @@ def make_results(root: Path) -> None:
         summary = sim_run(real, profile, label, prefill_gpu="h100", decode_gpu="h100")
         (real / "summary.json").write_text(json.dumps({**summary, "simulated": False,
                                                        "jct_mean": summary["jct_mean"] * 1.05}))
-    assert simulate_twins(root, profile) == 2
+    assert simulate_twins(root, [("jct", profile)]) == 2
     acc = root / "accuracy" / "essays"
     acc.mkdir(parents=True)
     (acc / "accuracy_table.csv").write_text("task,method,score,n,diff,ci95\nqa,fp16,50.0,20,,\n"

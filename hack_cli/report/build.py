@@ -65,7 +65,9 @@ class Report:
     def sources(self) -> None:
         self.section("What this report is built from")
         runs = self.r.runs
-        self.parts.append(f"- measured serving runs (`results/jct/`): {int((~runs['simulated']).sum())}\n"
+        measured = runs[~runs["simulated"]]
+        self.parts.append(f"- measured serving runs (`results/jct/`, see its README for cards and caveats): "
+                          f"{len(measured)}" + "".join(f"\n  - `{d}`" for d in measured["dir"]) + "\n"
                           f"- simulated serving runs (`results/sim/`): {int(runs['simulated'].sum())}\n")
         for p in self.r.profiles:
             dates = sorted({e["measured"]["date"][:10] for e in p["methods"].values()})

@@ -112,7 +112,7 @@ class Results:
         the nearest profiled length)."""
         for prof in self.profiles:
             methods = prof["methods"]
-            if "fp16" not in methods:
+            if "fp16" not in methods or prof["card"] == "cpu":
                 continue
             out = {}
             for label, entry in methods.items():

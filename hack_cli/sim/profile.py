@@ -327,7 +327,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--time-budget", type=float, default=0.0)
     p.add_argument("--quantized-prefill-max-len", type=int, default=defaults.quantized_prefill_max_len)
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (the serving workers use cores/2)")
     a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     conf = REPO / "conf"
     raw = yaml.safe_load((conf / "model" / f"{a.model}.yaml").read_text())
     mc = ModelConfig(**{**raw, "weights": "random"})
@@ -336,6 +341,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         preset, *overrides = spec.split(":")
         path = conf / "quant" / f"{preset}.yaml"
         fields = yaml.safe_load(path.read_text()) if path.exists() else {"name": preset}  # schema defaults
+        # Hydra interpolations (kvquant's per-model calibration file) do not resolve here: the schema default
+        # applies (no calibration: random-token levels, which is all a timing profile needs).
+        fields = {k: v for k, v in fields.items() if not (isinstance(v, str) and "${" in v)}
         fields.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
         quant = quant_schema(fields["name"])(**fields)
         quants.append((method_label(dataclasses.asdict(quant)), quant))
