@@ -65,7 +65,7 @@ class Report:
     def sources(self) -> None:
         self.section("What this report is built from")
         runs = self.r.runs
-        measured = runs[~runs["simulated"]]
+        measured = runs[~runs["simulated"].astype(bool)]
         self.parts.append(f"- measured serving runs (`results/jct/`, see its README for cards and caveats): "
                           f"{len(measured)}" + "".join(f"\n  - `{d}`" for d in measured["dir"]) + "\n"
                           f"- simulated serving runs (`results/sim/`): {int(runs['simulated'].sum())}\n")
