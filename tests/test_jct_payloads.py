@@ -5,7 +5,6 @@ import torch
 
 from hack_cli.hf import make_method
 from hack_cli.serve.link import pack_payload, unpack_payload
-from hack_cli.serve.payloads import export_seq, import_seq
 
 H, D = 2, 64
 
@@ -21,11 +20,11 @@ def test_payload_roundtrip(name, fields, tokens):
     method = make_method(name, **fields)
     src = method.new_layer(0, 2, 1, H, D, "cpu", torch.float32)
     src.append(torch.randn(1, H, tokens, D), torch.randn(1, H, tokens, D))
-    payload = export_seq(src, 0)
+    payload = src.export_seq(0)
     buf, manifest = pack_payload([payload])
     assert buf.numel() == src.transfer_bytes().total
     dst = method.new_layer(0, 2, 1, H, D, "cpu", torch.float32)
-    import_seq(dst, 0, unpack_payload(buf, manifest, 1)[0])
+    dst.import_seq(0, unpack_payload(buf, manifest, 1)[0])
     assert int(dst.lengths[0]) == tokens
     step_k, step_v = torch.randn(1, H, 1, D), torch.randn(1, H, 1, D)
     q = torch.randn(1, 2 * H, 1, D)

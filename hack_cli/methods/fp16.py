@@ -43,7 +43,8 @@ class FP16LayerKV(LayerKV):
         k, v = (self.kv[x][:, :, :n].to(q.dtype) for x in "kv")  # (B, H, N, D)
         pos = torch.arange(n).expand(B, n)
         ok = key_mask(pos, pos < self.lengths[:, None], self.q_pos[:, -Tq:], window).to(q.device)  # (B, 1, Tq, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ok, scale=scaling, enable_gqa=Hq != k.shape[1])
+        mask = None if bool(ok.all()) else ok  # no mask lets CUDA pick its fused kernels (decode, equal lengths)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=Hq != k.shape[1])
         return out.masked_fill(~ok.any(-1, keepdim=True), 0.0)  # padding queries see nothing
 
     def stored_bytes(self) -> Bytes:

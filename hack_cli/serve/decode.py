@@ -30,7 +30,6 @@ from hack_cli.serve.link import (H_ARRIVAL, H_COMPRESS_END, H_FIRST_TOKEN, H_OUT
                                  H_PREFILL_START, H_PROMPT, H_RID, H_SEND_START, HEADER_LEN, H_MANIFEST_BYTES,
                                  H_PAYLOAD_BYTES, LinkError, unpack_payload)
 from hack_cli.serve.metrics import RequestRecord
-from hack_cli.serve.payloads import import_seq
 from hack_cli.serve.prefill import sync
 
 
@@ -141,7 +140,7 @@ class DecodeEngine:
         for layer in range(self.layers):
             store = self.method.new_layer(layer, self.layers, 1, self.kv_heads, self.head_dim, self.device,
                                           self.dtype)
-            import_seq(store, 0, state[layer])
+            store.import_seq(0, state[layer])
             stores.append(store)
         return stores
 

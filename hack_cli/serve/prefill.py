@@ -40,15 +40,7 @@ def prefill_payload(model, method, ids: torch.Tensor):
 
 
 def export_payload(cache) -> list[dict[str, torch.Tensor]]:
-    from hack_cli.serve.payloads import export_seq
-
-    try:
-        return [export_seq(store, 0) for store in cache.stores]
-    except NotImplementedError:
-        from hack_cli.errors import HackError
-
-        raise HackError(f"KV method {cache.method.name!r} cannot export a prefill->decode payload yet "
-                        "(its LayerKV has no export_seq)") from None
+    return [store.export_seq(0) for store in cache.stores]
 
 
 @torch.no_grad()

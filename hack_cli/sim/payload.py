@@ -1,5 +1,5 @@
 """Exact bytes of one request's KV: a one-layer store of the method holding L random tokens, exported as the
-serving pipeline exports it (`hack_cli.serve.payloads`), times the number of layers. No model, CPU only.
+serving pipeline exports it (each store's `export_seq`), times the number of layers. No model, CPU only.
 
 HACK's bytes are not linear in L (16-bit sinks and a 16-bit open block of up to Π−1 tokens ride along), so the
 profile's bytes at a few lengths cannot be interpolated exactly. They are affine in L over every residue class
@@ -26,7 +26,6 @@ def _layer_bytes(quant_json: str, kv_heads: int, head_dim: int, dtype: str, toke
     import torch
 
     from hack_cli.methods import build_method, quant_schema
-    from hack_cli.serve.payloads import export_seq
 
     fields = json.loads(quant_json)
     method = build_method(quant_schema(fields["name"])(**fields))
@@ -34,7 +33,7 @@ def _layer_bytes(quant_json: str, kv_heads: int, head_dim: int, dtype: str, toke
     g = torch.Generator().manual_seed(tokens)
     k, v = (torch.randn(1, kv_heads, tokens, head_dim, generator=g) for _ in "kv")  # (1, H, T, D)
     store.append(k, v)
-    payload = sum(t.nbytes for t in export_seq(store, 0).values())
+    payload = sum(t.nbytes for t in store.export_seq(0).values())
     return payload, store.stored_bytes().total
 
 

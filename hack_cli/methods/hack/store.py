@@ -296,6 +296,60 @@ class HackLayerKV(LayerKV):
     def transfer_bytes(self) -> Bytes:
         return sum((self._seq_bytes(b, send=True) for b in range(self.batch)), Bytes())
 
+    # ------------------------------------------------------------------------------------------ transfer
+    def _extent(self, x: str, nc: int, fill: int) -> tuple[int, int]:
+        """(quantized token slots, blocks with quantized per-channel params) of tensor x, as `_seq_bytes` counts."""
+        req = self.cfg.requant_elimination
+        q_tokens = nc * self.part + (fill if (not req or not self.open16[x]) else 0)
+        return q_tokens, nc + (1 if fill and not req else 0)
+
+    def _per_slot(self, x: str, name: str) -> bool:
+        """Whether tensor `name` has one entry per token slot (codes, per-token min/scale, K's sums over a
+        channel group) rather than one per block (per-channel min/scale, V's sums over a block's tokens)."""
+        return name.endswith("codes") or name == "k_sum" or (self.kind[x] == "per_token" and name != "v_sum")
+
+    def export_seq(self, b: int) -> dict[str, torch.Tensor]:
+        """Sequence b's payload, exactly what `transfer_bytes` counts: packed codes and min/scale of the quantized
+        tokens, the sums (if `send_sums`), the 16-bit sinks and open block. Shapes carry the counts."""
+        nc, fill, sink = int(self.n_closed[b]), int(self.fill[b]), int(self.sink_fill[b])
+        out = {}
+        for x in "kv":
+            q_tokens, q_blocks = self._extent(x, nc, fill)
+            names = [f"{x}_codes", f"{x}_mn", f"{x}_scale"]
+            if self.cfg.summation_elimination and self.cfg.send_sums:
+                names.append(f"{x}_sum")
+            for name in names:  # (H, q_tokens, ...) per token slot, or (H, q_blocks, D) per block
+                t = self.blocks[name][b]
+                out[name] = (t.flatten(1, 2)[:, :q_tokens] if self._per_slot(x, name) else t[:, :q_blocks]).clone()
+            if self.cfg.requant_elimination and self.open16[x]:
+                out[f"{x}_open"] = self.open[x][b, :, :fill].clone()  # (H, fill, D)
+            out[f"{x}_sinks"] = self.sinks[x][b, :, :sink].clone()  # (H, sink, D)
+        return out
+
+    def import_seq(self, b: int, state: dict[str, torch.Tensor]) -> None:
+        """Install a payload from `export_seq` into (empty) sequence b as it is: quantized pages stay quantized;
+        sums not sent are rebuilt from the codes."""
+        sink, q_v = state["k_sinks"].shape[1], state["v_codes"].shape[1]
+        nc, fill = (q_v // self.part, state["v_open"].shape[1]) if "v_open" in state else divmod(q_v, self.part)
+        self._grow(nc + 1)
+        for x in "kv":
+            q_tokens, q_blocks = self._extent(x, nc, fill)
+            for name in (f"{x}_codes", f"{x}_mn", f"{x}_scale", f"{x}_sum"):
+                if name not in state:
+                    continue
+                if self._per_slot(x, name):
+                    self.blocks[name][b].flatten(1, 2)[:, :q_tokens] = state[name].to(self.device)
+                else:
+                    self.blocks[name][b, :, :q_blocks] = state[name].to(self.device)
+            if self.cfg.summation_elimination and f"{x}_sum" not in state:
+                nb = -(-q_tokens // self.part)
+                self._update_sums(b, x, 0, nb, unpack(self.blocks[f"{x}_codes"][b, :, :nb], self.bits))
+            if f"{x}_open" in state:
+                self.open[x][b, :, :fill] = state[f"{x}_open"].to(self.device)
+            self.sinks[x][b, :, :sink] = state[f"{x}_sinks"].to(self.device)
+        self.sink_fill[b], self.n_closed[b], self.fill[b] = sink, nc, fill
+        self.lengths[b] = sink + nc * self.part + fill
+
     # ------------------------------------------------------------------------------------------ analysis
     def reconstruct(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K̂, V̂ (H, n, D) of sequence b as the store represents them. For tests and error analysis only:
