@@ -160,9 +160,15 @@ class KVQuantLayerKV(LayerKV):
         dev = self.device
         self.k_lo, self.k_hi = (calib[f"key_{e}_{which}"][layer_idx].float().to(dev) for e in ("lo", "hi"))  # (H, D)
         self.k_levels = calib[f"key_levels_{which}"][layer_idx].float().to(dev)  # (H, D, L)
+        zero, half = (self.k_hi + self.k_lo) / 2, ((self.k_hi - self.k_lo) / 2).clamp_min(1e-8)  # (H, D)
+        L = self.k_levels.shape[-1]
+        self.k_table = (zero[..., None] + half[..., None] * self.k_levels).reshape(-1)  # (H·D·L,) value per code
+        self.k_base = (torch.arange(kv_heads * head_dim, device=dev, dtype=torch.int32) * L).reshape(
+            kv_heads, 1, head_dim)  # (H, 1, D): where each channel's entries start in k_table
         self.v_levels = calib["value_levels"][layer_idx].float().to(dev)  # (L,)
         self.inv_freq = calib["rope_inv_freq"][layer_idx].float().to(dev)  # (R/2,)
         self.rope_scaling = float(calib["rope_scaling"][layer_idx])
+        self.rope = rope_cos_sin(self.inv_freq, self.rope_scaling, torch.arange(0, device=dev))  # grown on demand
         self.v_count = round(cfg.outlier_fraction * kv_heads * head_dim)  # value outliers per token
         B, H, D, S = batch, kv_heads, head_dim, self.sinks
         self.sink = {x: torch.zeros(B, H, S, D, dtype=self.tail_dtype, device=dev) for x in "kv"}
@@ -176,7 +182,13 @@ class KVQuantLayerKV(LayerKV):
                         "v_idx": empty(0, o), "v_val": empty(0, o, dtype=self.tail_dtype)} for _ in range(B)]
 
     def _cos_sin(self, pos: torch.Tensor):
-        return rope_cos_sin(self.inv_freq, self.rope_scaling, pos.to(self.device))
+        """RoPE cos, sin (n, R) at positions pos (n,), from a table of positions grown by doubling."""
+        need = int(pos.max()) + 1 if pos.numel() else 0
+        if need > self.rope[0].shape[0]:
+            size = max(need, 2 * self.rope[0].shape[0])
+            self.rope = rope_cos_sin(self.inv_freq, self.rope_scaling, torch.arange(size, device=self.device))
+        pos = pos.to(self.device)
+        return self.rope[0][pos], self.rope[1][pos]
 
     def n_quant(self, b: int) -> int:
         return max(0, int(self.lengths[b]) - self.sinks)
@@ -229,13 +241,11 @@ class KVQuantLayerKV(LayerKV):
         """K̂ (pre-RoPE when `pre_rope`), V̂ (B, H, n, D) fp32 of the quantized slots, outliers restored."""
         B, H, D = self.batch, self.kv_heads, self.head_dim
         nq = max(self.n_quant(b) for b in range(B))
-        kc = unpack_codes(self.t["k_codes"][:, :, :nq], self.bits).long()  # (B, H, nq, D)
-        levels = self.k_levels[None, :, None].expand(B, H, nq, D, -1)  # (B, H, nq, D, L)
-        zero, half = (self.k_hi + self.k_lo) / 2, ((self.k_hi - self.k_lo) / 2).clamp_min(1e-8)  # (H, D)
-        k = zero[:, None] + half[:, None] * levels.gather(-1, kc[..., None])[..., 0]  # (B, H, nq, D)
-        vc = unpack_codes(self.t["v_codes"][:, :, :nq], self.bits).long()
-        v = (self.t["v_zero"][:, :, :nq].float()[..., None]
-             + self.t["v_half"][:, :, :nq].float()[..., None] * self.v_levels[vc])  # (B, H, nq, D)
+        kc = unpack_codes(self.t["k_codes"][:, :, :nq], self.bits).int() + self.k_base  # (B, H, nq, D)
+        k = self.k_table.index_select(0, kc.reshape(-1)).reshape(kc.shape)  # zero + half · level, per channel
+        vc = unpack_codes(self.t["v_codes"][:, :, :nq], self.bits).int()
+        v = (self.t["v_zero"][:, :, :nq].float()[..., None] + self.t["v_half"][:, :, :nq].float()[..., None]
+             * self.v_levels.index_select(0, vc.reshape(-1)).reshape(vc.shape))  # (B, H, nq, D)
         for b in range(B):
             n, sp = self.n_quant(b), self.sparse[b]
             tok = torch.arange(n, device=self.device).repeat_interleave(sp["k_count"].long())  # (nnz,)
