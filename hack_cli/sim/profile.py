@@ -215,11 +215,25 @@ def profile_method(model, method, device, cfg: ProfileConfig, deadline: float, l
         log(f"  {method.name} C={C}: " + ", ".join(f"B={r['B']}:{r['decode']:.4f}s" for r in decode if r["C_each"] == C))
     if len(prompt) < 3 or len(decode) < 3:
         return None
-    return {"quant": dataclasses.asdict(method.config), "measured": versions(device),
+    quant = dataclasses.asdict(method.config)
+    return {"quant": quant, "measured": versions(device),
             "points": {"prompt": prompt, "decode": decode},
             "phases": {**{p: fit(p, prompt) for p in ("prefill", "compress", "install")}, "decode": fit("decode", decode)},
             "bytes": {"tokens": [r["L"] for r in prompt], "payload": [r["payload"] for r in prompt],
-                      "stored": [r["stored"] for r in prompt], "header": int(np.mean([r["header"] for r in prompt]))}}
+                      "stored": [r["stored"] for r in prompt], "header": int(np.mean([r["header"] for r in prompt])),
+                      "exact": exact_matches(quant, model, prompt[-1])}}
+
+
+def exact_matches(quant: dict, model, row: dict) -> bool:
+    """Whether `payload.exact_bytes` gives the bytes measured for this prompt (then the simulator uses it)."""
+    from hack_cli.hf.attention import text_config
+    from hack_cli.sim.payload import exact_bytes
+    from hack_cli.sim.roofline import Arch
+
+    arch = Arch.of(text_config(model).to_dict())
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    exact = exact_bytes(quant, arch.layers, arch.kv_heads, arch.head_dim, dtype, row["L"])
+    return exact is not None and exact == (row["payload"], row["stored"])
 
 
 def random_calibration(quant, model, directory: Path):

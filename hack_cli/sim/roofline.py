@@ -28,7 +28,6 @@ bytes per token.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -197,16 +196,8 @@ class Costs:
         B = len(contexts)
         return evaluate(self.coef["decode"], B=B, C=sum(contexts)) + self._allreduce(B, self.decode_gpu, self.tp_decode)
 
-    @functools.cached_property
-    def exact(self) -> bool:
-        """Whether `payload.exact_bytes` reproduces the bytes the profile measured (at its longest prompt)."""
-        table, s = self.method["bytes"], self.src
-        L, measured = table["tokens"][-1], table["payload"][-1]
-        exact = exact_bytes(self.method["quant"], s.layers, s.kv_heads, s.head_dim, self.profile["model"]["dtype"], L)
-        return exact is not None and exact[0] == measured
-
     def _bytes(self, kind: str, tokens: int) -> int:
-        if self.exact:
+        if self.method["bytes"].get("exact"):  # the profiler checked `exact_bytes` against what it measured
             t = self.tgt
             payload, stored = exact_bytes(self.method["quant"], t.layers, t.kv_heads, t.head_dim, self.model_dtype,
                                           tokens)
@@ -216,9 +207,9 @@ class Costs:
         return int(round(per_token * tokens * self.tgt.kv_width / self.src.kv_width))
 
     def payload_bytes(self, L: int) -> int:
-        """The method's transfer bytes for an L-token prompt: exact (`payload.exact_bytes`, where it reproduces the
-        profile's measured bytes), else the profile's bytes per token interpolated between its lengths and scaled
-        by the model's KV size."""
+        """The method's transfer bytes for an L-token prompt: exact (`payload.exact_bytes`, where the profile found
+        it to reproduce the measured bytes), else the profile's bytes per token interpolated between its lengths
+        and scaled by the model's KV size."""
         return self._bytes("payload", L)
 
     def wire_bytes(self, L: int) -> int:
