@@ -19,5 +19,5 @@ python3 -m hack_cli.serve.bench_gpu --model tiny --trace small --cluster gpu2 --
 # 2. Llama-3.1-8B architecture (random bf16 weights), the long preset's lengths, first N requests of its trace
 timeout ${MAIN_TIMEOUT:-420} python3 -m hack_cli.serve.bench_gpu --model llama31_8b --weights random --dtype bfloat16 \
   --cluster gpu2 --trace long --warmup 1 --out $OUT_DIR/llama31_8b \
-  --run fp16:0.3:10:6 --run hack:0.3:10:6 --run fp16:0.65:10:8 --run hack:0.65:10:8 \
-  --run kivi:0.3:10:6 --run fp8:0.3:10:6 --run kvquant:0.3:10:6 --run cachegen:0.3:10:3
+  ${RUNS:---run fp16:0.3:10:6 --run hack:0.3:10:6 --run fp16:0.65:10:8 --run hack:0.65:10:8 \
+  --run kivi:0.3:10:6 --run fp8:0.3:10:6 --run kvquant:0.3:10:6 --run cachegen:0.3:10:3}
