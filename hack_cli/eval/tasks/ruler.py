@@ -5,7 +5,9 @@ lm-eval downloads the Paul Graham essays and nltk's sentence model; here the hay
 Prompts are sized to each context length with the model's own tokenizer, as RULER does.
 
 options: tasks (names below), lengths (context lengths in tokens), samples (per task and length, default 100,
-capped by accuracy.limit), max_gen_toks (default: lm-eval's per task).
+capped by accuracy.limit), max_gen_toks (default: lm-eval's per task). lm-eval's vt and cwe generators loop forever
+when even their smallest example does not fit: use lengths of 1K tokens or more for them. Importing the generators
+builds RULER's word list (~10 s, once per process).
 """
 from __future__ import annotations
 
