@@ -53,7 +53,7 @@ def breakdown(panels: dict[str, pd.DataFrame], path: Path) -> bool:
     panels = {k: v for k, v in panels.items() if not v.empty}
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1.5, 3.4), squeeze=False)
     for ax, (title, df) in zip(axes[0], panels.items()):
         methods = _methods(df)
         left = np.zeros(len(methods))
@@ -63,7 +63,7 @@ def breakdown(panels: dict[str, pd.DataFrame], path: Path) -> bool:
             left += widths
         ax.set_xlabel("mean time per request (s)")
         ax.set_title(title, fontsize=9)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
@@ -78,7 +78,7 @@ def bandwidth(sim: pd.DataFrame, real: pd.DataFrame, path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("link bandwidth (Gbit/s)")
     ax.set_ylabel("mean JCT (s)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
