@@ -42,6 +42,8 @@ def grouped_bars(df: pd.DataFrame, group: str, panel: str, path: Path, metric: s
             ys = [sub[(sub[group] == g) & (sub["method"] == m)][metric].mean() for g in groups]
             ax.bar(np.arange(len(groups)) + i * width, ys, width, label=m)
         ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+        if sub[metric].max() > 10 * sub[metric].min() > 0:  # one slow method must not flatten the others
+            ax.set_yscale("log")
         ax.set_title(f"{panel} = {value}")
         ax.set_ylabel(ylabel)
     axes[0][0].legend(fontsize=8)
