@@ -213,6 +213,8 @@ def to_typed(key: str, schema: type, node: Any):
         raise ConfigError(key, node, f"expected a mapping for `{key}`")
     _reject_unknown(key, schema, node)
     try:
+        if node._get_parent() is not None:  # resolve `${model.name}`-style references while the whole config is there
+            node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
     except ConfigError:
