@@ -7,7 +7,6 @@ directory, and return the summary as the run's metrics.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,12 +14,12 @@ from typing import Optional
 from hack_cli.config import check_choice, check_positive
 from hack_cli.errors import ConfigError, HackError
 
-SIM_RUN = "hack_cli.sim.bench:run"  # the simulator's run function, same job contract
 
 
 @dataclass
 class JctConfig:
-    mode: str = "real"  # real | sim
+    mode: str = "real"  # real | sim (the calibrated simulator, hack_cli/sim: same trace, same output schema)
+    profile: Optional[str] = None  # sim: a profile JSON from `hack bench profile` (default: found by model)
     backend: str = "auto"  # auto (nccl between two GPUs, else gloo) | gloo | nccl
     chunk_mb: float = 1.0  # link chunk size (MiB): pacing granularity
     stall_timeout_s: float = 60.0  # a link silent this long (heartbeats included) ends the run
@@ -44,11 +43,9 @@ class JctConfig:
 def run(job) -> dict:
     jct = job.typed.get("jct", JctConfig())
     if jct.mode == "sim":
-        module, fn = SIM_RUN.split(":")
-        try:
-            return getattr(importlib.import_module(module), fn)(job)
-        except (ImportError, AttributeError):
-            raise HackError(f"jct.mode=sim needs the simulator ({SIM_RUN}), which is not installed") from None
+        from hack_cli.sim.engine import run_sim
+
+        return run_sim(job)
     from hack_cli.serve.workers import ServeSpec
 
     t = job.typed

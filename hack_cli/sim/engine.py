@@ -91,7 +91,7 @@ def run_sim(job) -> dict:
     t = job.typed
     model, cluster, trace_cfg, jct = t["model"], t["cluster"], t["trace"], t.get("jct")
     local = cluster.prefill_gpu == "local" and cluster.decode_gpu == "local"
-    profile = find_profile(model.name, getattr(jct, "profile", None), local=local)
+    profile = find_profile(model.name, jct.profile, local=local)
     label, entry = method_entry(profile, asdict(t["quant"]))
     costs = Costs(profile, entry, model.architecture, model.dtype, cluster.prefill_gpu, cluster.decode_gpu,
                   cluster.bandwidth_gbps, cluster.decode_kv_budget_gb)
