@@ -143,12 +143,11 @@ class CacheGenLayerKV(LayerKV):
     def dequantize(self, x: str, n: int) -> torch.Tensor:
         """The first n prompt tokens of every sequence as the receiver dequantizes them: (B, H, n, D) fp32."""
         G, half_a, half_d = self.group, (ANCHOR_LEVELS - 1) // 2, (self.levels[x] - 1) // 2
-        t = self.t
-        chunk_of = torch.arange(n, device=self.device) // self.chunk  # (n,)
-        a_scale = t[f"{x}_a_scale"][:, :, chunk_of].float()  # (B, H, n, D)
-        a = (t[f"{x}_a_sym"][:, :, torch.arange(n, device=self.device) // G].float() - half_a) * a_scale
-        d = unpack_codes(t[f"{x}_d_sym"][:, :, :n], self.dbits[x]).float() - half_d
-        return a + d * t[f"{x}_d_scale"][:, :, chunk_of].float()
+        t, ng, nc = self.t, -(-n // G), -(-n // self.chunk)
+        per_chunk = lambda scale, size: scale[:, :, :nc].float().repeat_interleave(size, 2)  # chunk -> its slots
+        a = (t[f"{x}_a_sym"][:, :, :ng].float() - half_a) * per_chunk(t[f"{x}_a_scale"], self.chunk // G)[:, :, :ng]
+        d = unpack_codes(t[f"{x}_d_sym"][:, :, :n], self.dbits[x]).float() - half_d  # (B, H, n, D)
+        return a.repeat_interleave(G, 2)[:, :, :n] + d * per_chunk(t[f"{x}_d_scale"], self.chunk)[:, :, :n]
 
     def attend(self, q: torch.Tensor, scaling: float, window: Optional[int] = None) -> torch.Tensor:
         B, n = self.batch, int(self.n_prompt.max())
