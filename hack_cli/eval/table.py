@@ -57,11 +57,11 @@ def summarize(rows: list[dict], baseline: str = "fp16") -> list[dict]:
 
 
 def to_markdown(summary: list[dict], baseline: str = "fp16") -> str:
-    """Rows (model, task) x columns (methods, baseline first): `score` and `(diff ± ci95)` to the baseline."""
-    methods = list(dict.fromkeys(e["method"] for e in summary))
-    methods = sorted(methods, key=lambda m: m != baseline)  # stable: the rest keep their order
+    """Rows (model, task) x columns (baseline first, then methods by name): score, difference to the baseline ± its
+    95% CI, and the number of documents it is paired over."""
+    methods = sorted(dict.fromkeys(e["method"] for e in summary), key=lambda m: (m != baseline, m))
     cells = {(e["model"], e["task"], e["method"]): e for e in summary}
-    lines = ["| model | task | n | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    lines = ["| model | task | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for model, task in dict.fromkeys((e["model"], e["task"]) for e in summary):
         row = []
         for m in methods:
@@ -69,13 +69,12 @@ def to_markdown(summary: list[dict], baseline: str = "fp16") -> str:
             if e is None:
                 row.append("")
             elif e["diff"] is None:
-                row.append(f"{e['score']:.1f}")
+                row.append(f"{e['score']:.1f} (n={e['n']})")
             else:
-                row.append(f"{e['score']:.1f} ({e['diff']:+.1f} ± {e['ci95']:.1f})")
-        n = max(cells[(model, task, m)]["n"] for m in methods if (model, task, m) in cells)
-        lines.append(f"| {model} | {task} | {n} | " + " | ".join(row) + " |")
-    note = (f"\nScores in points (0-100). In parentheses: mean paired difference to {baseline} over the same samples "
-            "± half-width of its 95% Student-t confidence interval.\n")
+                row.append(f"{e['score']:.1f} ({e['diff']:+.1f} ± {e['ci95']:.1f}, n={e['n_paired']})")
+        lines.append(f"| {model} | {task} | " + " | ".join(row) + " |")
+    note = (f"\nScores in points (0-100). In parentheses: mean paired difference to {baseline} over the n documents both "
+            "answered ± half-width of its 95% Student-t confidence interval on the per-document differences.\n")
     return "\n".join(lines) + "\n" + note
 
 
