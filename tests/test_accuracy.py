@@ -102,6 +102,16 @@ def test_shared_prefill_gives_the_same_answers_as_each_method_prefilling_alone()
 
 # ---------------------------------------------------------------------------------------------- loaders
 def test_paper_tasks_load_hub_schema_fixtures_and_score():
+    """In a child process: scoring these tasks configures global logging onto pytest's per-test captured stream,
+    which breaks every later test that runs the CLI in-process (I/O on a closed file)."""
+    import subprocess
+    import sys
+
+    code = "import test_accuracy as t; t.check_paper_tasks()"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, check=True, timeout=300)
+
+
+def check_paper_tasks():
     imdb, = build(DatasetConfig(name="imdb", path=str(FIXTURES / "imdb.jsonl")), None, None, 0)
     doc = docs_of(imdb)[0]
     assert imdb.doc_to_text(doc).endswith("Answer with one word.")
