@@ -13,3 +13,9 @@ for key, value in {
     "TRANSFORMERS_OFFLINE": "1",
 }.items():
     os.environ.setdefault(key, value)
+
+# tqdm's monitor thread refreshes stale bars from the background. A bar made inside a CliRunner invocation writes
+# to that invocation's stream, closed once it returns, and the thread's error then fails an unrelated test.
+import tqdm  # noqa: E402  (after the environment above: tqdm reads none of it)
+
+tqdm.tqdm.monitor_interval = 0
