@@ -4,6 +4,8 @@ setdefault: a developer can still run e.g. `WANDB_MODE=offline pytest` on purpos
 """
 import os
 
+import tqdm
+
 for key, value in {
     "TRITON_INTERPRET": "1",  # Triton kernels run on the CPU interpreter
     "WANDB_MODE": "disabled",  # no W&B files unless a test asks for them
@@ -15,7 +17,5 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 # tqdm's monitor thread refreshes stale bars from the background. A bar made inside a CliRunner invocation writes
-# to that invocation's stream, closed once it returns, and the thread's error then fails an unrelated test.
-import tqdm  # noqa: E402  (after the environment above: tqdm reads none of it)
-
+# to that invocation's stream, closed once it returns, and the thread's error then fails whichever test runs next.
 tqdm.tqdm.monitor_interval = 0
