@@ -99,14 +99,15 @@ def arxiv(dataset, records):
 
 
 def humaneval(dataset, records):
-    # lm-eval's humaneval_instruct format: the answer starts with the prompt's code, so the model writes the body,
+    # lm-eval's humaneval_instruct format: the answer starts with the prompt's code, so the model writes the body
+    # (a closing ``` ends it: small instruct models often close the block at once),
     # which is scored against the canonical body. Without a chat template the same text is a plain completion.
     docs = [{**r, "gen_prefix": f"Here is the completed function:\n```python\n{r['prompt']}"} for r in records]
     return make_task("humaneval", docs, score=lambda d, p: metrics.edit_sim(p, d["canonical_solution"]),
                      max_gen_toks=option(dataset, "max_gen_toks", 256), target=lambda d: d["canonical_solution"],
                      text=lambda d: "Write a solution to the following problem and make sure that it passes the "
                                     f"tests:\n```python\n{d['prompt']}\n```\n",
-                     until=["\n```", "\nclass", "\ndef", "\n#", "\nif", "\nprint"], gen_prefix="gen_prefix")
+                     until=["```", "\nclass", "\ndef", "\n#", "\nif", "\nprint"], gen_prefix="gen_prefix")
 
 
 def last_number(text: str) -> Optional[float]:
