@@ -216,6 +216,10 @@ class CacheGenLayerKV(LayerKV):
         G, H, D = self.group, self.kv_heads, self.head_dim
         n_total = int(state["tokens"][0])
         self.n_prompt[b] = n_total
+        for name, size in (("a_sym", -(-n_total // G)), ("d_sym", n_total), ("a_scale", -(-n_total // self.chunk)),
+                           ("d_scale", -(-n_total // self.chunk))):  # allocate once, not chunk by chunk
+            for x in "kv":
+                self.t[f"{x}_{name}"] = grow(self.t[f"{x}_{name}"], size)
         payload = state["payload"].numpy().tobytes()
         offset = 0
         for ci, (c0, n) in enumerate(self._chunks(b)):
