@@ -3,6 +3,7 @@
 setdefault: a developer can still run e.g. `WANDB_MODE=offline pytest` on purpose.
 """
 import os
+import sys
 
 import tqdm
 
@@ -19,3 +20,14 @@ for key, value in {
 # tqdm's monitor thread refreshes stale bars from the background. A bar made inside a CliRunner invocation writes
 # to that invocation's stream, closed once it returns, and the thread's error then fails whichever test runs next.
 tqdm.tqdm.monitor_interval = 0
+
+# absl (imported by rouge-score) logs through a handler bound to the sys.stderr of its import, and its close() closes
+# that stream unless it is the current sys.stderr. Under pytest that is the capture stream, and Hydra's logging setup
+# closes every existing handler while a CliRunner has swapped sys.stderr: pytest's stderr is closed, and the run
+# crashes ("lost sys.stderr"). Bound to the process's own stderr, which absl never closes, it is harmless.
+try:
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+except ImportError:
+    pass
