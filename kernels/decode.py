@@ -320,11 +320,12 @@ class HackKV:
 
 def from_layer(layer) -> HackKV:
     """A HackLayerKV's tensors as a HackKV (no copies of the blocks; counters moved to the device)."""
-    dev, t = layer.device, layer.blocks
-    i32 = lambda x: x.to(device=dev, dtype=torch.int32)
+    t = layer.blocks
+    counters = torch.stack([layer.n_closed, layer.fill, layer.sink_fill]).to(device=layer.device, dtype=torch.int32)
+    n_closed, fill, sink_fill = counters  # (B,) each: one host-to-device copy for the three
     return HackKV(layer.cfg.layout, layer.bits, t["k_codes"], t["k_mn"], t["k_scale"], t["k_sum"], t["v_codes"],
                   t["v_mn"], t["v_scale"], t["v_sum"], layer.sinks["k"], layer.sinks["v"], layer.open["k"],
-                  layer.open["v"], i32(layer.n_closed), i32(layer.fill), i32(layer.sink_fill))
+                  layer.open["v"], n_closed, fill, sink_fill)
 
 
 def pow2(n: int) -> int:

@@ -29,8 +29,10 @@ def attend(layer, q: torch.Tensor, scaling: float, window: Optional[int]) -> Opt
     if q.shape[2] != 1 or window is not None or not covered(layer):
         return None
     out = hack_decode(from_layer(layer), q[:, :, 0], scaling, max_blocks=int(layer.n_closed.max()))  # (B, Hq, D)
-    active = (layer.q_pos[:, -1] >= 0).to(out.device)  # padding queries see nothing
-    return (out * active[:, None, None].to(out.dtype))[:, :, None]
+    active = layer.q_pos[:, -1] >= 0  # (B,) host
+    if not bool(active.all()):  # padding queries see nothing
+        out = out * active.to(out.device)[:, None, None].to(out.dtype)
+    return out[:, :, None]
 
 
 def quantize_into(layer, b: int, x: str, slot0: int, vals: torch.Tensor) -> bool:

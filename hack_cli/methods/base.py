@@ -79,21 +79,23 @@ class LayerKV:
 
     # -- bookkeeping shared by all methods
     def _positions(self, valid: torch.Tensor) -> torch.Tensor:
-        """Positions of the appended tokens in each sequence's own coordinates; -1 marks padding."""
-        valid = valid.to("cpu")  # (B, T)
+        """valid: (B, T) host bool -> positions of the appended tokens in each sequence's own coordinates; -1 marks
+        padding."""
         pos = self.lengths[:, None] + valid.long().cumsum(-1) - 1  # (B, T)
         return torch.where(valid, pos, torch.full_like(pos, -1))
 
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
         """k, v: (B, H, T, D). valid: (B, T) bool, False for padding (dropped). Compresses and stores."""
-        if valid is None:
-            valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)
+        valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool) if valid is None else valid.to("cpu")
         self.q_pos = self._positions(valid)
-        for b in range(self.batch):
-            keep = valid[b].to(k.device)
-            if keep.any():
-                self._append_seq(b, k[b][:, keep], v[b][:, keep])  # (H, T_b, D)
-        self.lengths += valid.to("cpu").long().sum(-1)
+        for b in range(self.batch):  # decided on the host: no device synchronization per layer
+            keep = valid[b]
+            if bool(keep.all()):
+                self._append_seq(b, k[b], v[b])  # (H, T, D)
+            elif bool(keep.any()):
+                idx = keep.nonzero()[:, 0].to(k.device)
+                self._append_seq(b, k[b].index_select(1, idx), v[b].index_select(1, idx))  # (H, T_b, D)
+        self.lengths += valid.long().sum(-1)
 
     def _append_seq(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: (H, T, D) of sequence b's new real tokens."""

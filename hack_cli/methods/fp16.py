@@ -5,9 +5,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from hack_cli.methods.base import Bytes, KVMethod, LayerKV, QuantConfig, key_mask
+from hack_cli.methods.base import Bytes, KVMethod, LayerKV, QuantConfig
+from hack_cli.methods.dequant import grow, sdpa_over
 
 
 @dataclass
@@ -18,7 +18,7 @@ class Config(QuantConfig):
 
 
 class FP16LayerKV(LayerKV):
-    """K/V (B, H, capacity, D) in the model's 16-bit dtype (fp16 for an fp32 CPU model), grown by doubling."""
+    """K/V (B, H, capacity, D) in the model's 16-bit dtype (fp16 for an fp32 CPU model), grown geometrically."""
 
     def __init__(self, batch, kv_heads, head_dim, device, dtype):
         super().__init__(batch, kv_heads, head_dim, device, dtype)
@@ -28,24 +28,16 @@ class FP16LayerKV(LayerKV):
 
     def _append_seq(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         start, n = int(self.lengths[b]), k.shape[1]
-        cap = self.kv["k"].shape[2]
-        if start + n > cap:
-            grow = max(start + n, 2 * cap) - cap
-            for x in "kv":
-                pad = self.kv[x].new_zeros(self.batch, self.kv_heads, grow, self.head_dim)
-                self.kv[x] = torch.cat([self.kv[x], pad], 2)
+        for x in "kv":
+            self.kv[x] = grow(self.kv[x], start + n)
         self.kv["k"][b, :, start:start + n] = k.to(self.store_dtype)
         self.kv["v"][b, :, start:start + n] = v.to(self.store_dtype)
 
     def attend(self, q: torch.Tensor, scaling: float, window: Optional[int] = None) -> torch.Tensor:
-        B, Hq, Tq, D = q.shape
-        n = int((self.lengths).max())
-        k, v = (self.kv[x][:, :, :n].to(q.dtype) for x in "kv")  # (B, H, N, D)
-        pos = torch.arange(n).expand(B, n)
-        ok = key_mask(pos, pos < self.lengths[:, None], self.q_pos[:, -Tq:], window).to(q.device)  # (B, 1, Tq, N)
-        mask = None if bool(ok.all()) else ok  # no mask lets CUDA pick its fused kernels (decode, equal lengths)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=Hq != k.shape[1])
-        return out.masked_fill(~ok.any(-1, keepdim=True), 0.0)  # padding queries see nothing
+        n = int(self.lengths.max())
+        pos = torch.arange(n).expand(self.batch, n)  # (B, N)
+        k, v = (self.kv[x][:, :, :n] for x in "kv")  # (B, H, N, D)
+        return sdpa_over(q, k, v, pos, pos < self.lengths[:, None], self.q_pos[:, -q.shape[2]:], scaling, window)
 
     def stored_bytes(self) -> Bytes:
         return Bytes(fp16=2 * int(self.lengths.sum()) * self.kv_heads * self.head_dim * 2)

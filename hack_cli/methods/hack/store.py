@@ -66,7 +66,7 @@ class HackLayerKV(LayerKV):
         have = self.blocks["k_codes"].shape[2] if self.blocks else 0
         if need <= have:
             return
-        nb = max(need, 2 * have)
+        nb = max(need, have + max(1, have // 8))  # geometric (amortized O(1)) without doubling a long prompt
         for name, (shape, dt) in self._shapes(nb).items():
             new = torch.zeros(shape, dtype=dt, device=self.device)
             if have:
@@ -124,13 +124,14 @@ class HackLayerKV(LayerKV):
     # ------------------------------------------------------------------------------------------ append
     def _append_seq(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         S, P = self.cfg.sink_tokens, self.part
-        # Quantize from 16-bit values on every path (at once or via the open block), as a serving model makes them.
-        k, v = k.to(self.tail_dtype).float(), v.to(self.tail_dtype).float()
+        # Every path (sinks, open block, quantizer) takes the 16-bit values a serving model makes; the quantizers
+        # widen them to fp32 themselves.
+        k, v = k.to(self.tail_dtype), v.to(self.tail_dtype)
         take = min(S - int(self.sink_fill[b]), k.shape[1])
         if take:
             s0 = int(self.sink_fill[b])
-            self.sinks["k"][b, :, s0:s0 + take] = k[:, :take].to(self.tail_dtype)
-            self.sinks["v"][b, :, s0:s0 + take] = v[:, :take].to(self.tail_dtype)
+            self.sinks["k"][b, :, s0:s0 + take] = k[:, :take]
+            self.sinks["v"][b, :, s0:s0 + take] = v[:, :take]
             self.sink_fill[b] += take
         new = {"k": k[:, take:], "v": v[:, take:]}  # (H, T', D)
         pos, total = 0, new["k"].shape[1]
@@ -165,7 +166,7 @@ class HackLayerKV(LayerKV):
         n = chunk["k"].shape[1]
         for x in "kv":
             if self.open16[x]:
-                self.open[x][b, :, fill:fill + n] = chunk[x].to(self.tail_dtype)
+                self.open[x][b, :, fill:fill + n] = chunk[x]
             else:  # per-token K of the token layout is quantized at once
                 self._quantize_into(b, x, nc * self.part + fill, chunk[x])
 
