@@ -213,3 +213,36 @@ def test_method_labels_and_profile_lookup():
     assert method_entry(prof, {**hack, "seed": 7, "backend": "reference"})[0] == "hack"
     with pytest.raises(HackError, match="no method with quant"):
         method_entry(prof, v1)
+
+
+def test_profile_fitted_to_measured_runs_recovers_costs_and_replays(tmp_path):
+    """`sim.fit_runs`: per-request phases and every decode iteration of a run -> the profile's phase models."""
+    import csv
+
+    from hack_cli.sim.fit_runs import build
+
+    run = tmp_path / "hack_r0.3_bw10_n6"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"method": "hack"}))
+    cols = ["rid", "prompt_len", "warmup", "prefill", "compress", "install", "payload_bytes", "bytes_sent"]
+    with open(run / "per_request.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerow([0, 8000, True, 9.9, 9.9, 9.9, 1, 2])  # warm-up: compiles kernels, must not enter the fit
+        for rid, L in enumerate((4000, 8000, 12000, 16000), 1):
+            w.writerow([rid, L, False, 0.05 + 3e-5 * L + 1e-9 * L * L, 0.01 + 1e-7 * L, 0.02, 21_000 * L,
+                        21_000 * L + 500])
+    with open(run / "steps.csv", "w") as f:
+        f.write("start_s,batch,context_tokens,step_s\n")
+        for i, (b, c) in enumerate([(1, 15000), (2, 30000), (4, 61000), (6, 90000), (3, 47000)]):
+            f.write(f"{i},{b},{c},{0.03 + 0.01 * b + 1e-7 * c}\n")
+    prof = build("llama31_8b", "h100", "NVIDIA H100 80GB HBM3", [run])
+    assert prof["model"]["weight_bytes"] == 16_060_522_496 and list(prof["methods"]) == ["hack"]
+    e = prof["methods"]["hack"]
+    assert e["quant"]["name"] == "hack" and len(e["points"]["prompt"]) == 4
+    assert e["phases"]["decode"]["coef"] == pytest.approx([0.03, 0.01, 1e-7], rel=1e-3)
+    assert e["phases"]["prefill"]["coef"] == pytest.approx([0.05, 3e-5, 1e-9], rel=1e-3)
+    assert e["bytes"]["tokens"] == [4000, 8000, 12000, 16000] and e["bytes"]["header"] == 500
+    recs = simulate([Request(i, 2.0 * i, 8000, 16) for i in range(4)], costs(prof, "hack"), 40e9, warmup=0)
+    assert recs[0].payload_bytes == 21_000 * 8000
+    assert recs[0].phase("prefill") == pytest.approx(0.05 + 3e-5 * 8000 + 1e-9 * 8000**2, rel=1e-3)
