@@ -71,7 +71,7 @@ def test_receiver_decodes_exactly_what_the_sender_holds():
     r = store(batch=2, chunk=300)
     for b in range(2):
         r.import_seq(b, s.export_seq(b))
-    for name, t in r.t.items():  # the receiver allocates exactly the prompt's slots; the sender grew by doubling
+    for name, t in r.t.items():  # the receiver allocates exactly the prompt's slots; the sender grew geometrically
         assert t.shape[2] in (70, 700, 3) and torch.equal(s.t[name][:, :, :t.shape[2]], t), name
     for x in (s, r):  # a decode step on both sides
         x.append(k[:, :, -1:], v[:, :, -1:])

@@ -45,14 +45,15 @@ def sdpa_over(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos: torch.
 
 
 def grow(t: torch.Tensor, need: int, dim: int = 2) -> torch.Tensor:
-    """`t` with at least `need` slots along `dim`, zero-filled. Grows by 1/8 (at least 64 slots): appends stay
-    amortized O(1), and a decode server's store holds at most ~12% more than its tokens (doubling would hold up to
-    twice a long prompt's KV once its first output token arrives)."""
+    """`t` with at least `need` slots along `dim`, zero-filled. An empty `t` gets exactly `need` (an installed
+    prompt); after that it grows by 1/8 (at least 64 slots): appends stay amortized O(1), and a decode server's
+    store holds at most ~12% more than its tokens (doubling would hold up to twice a long prompt's KV once its
+    first output token arrives)."""
     have = t.shape[dim]
     if need <= have:
         return t
     shape = list(t.shape)
-    shape[dim] = max(need, have + max(64, have // 8)) - have
+    shape[dim] = (need if have == 0 else max(need, have + max(64, have // 8))) - have
     return torch.cat([t, t.new_zeros(shape)], dim)
 
 
