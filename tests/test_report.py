@@ -118,3 +118,14 @@ def test_report_says_what_is_missing(tmp_path):
     assert metrics["figures"] == 0 and metrics["claims_with_ours"] == 0
     assert text.count("_Missing:") >= 6 and "hack bench jct -m experiment=sim_gpus_8b" in text
     assert "missing: `hack eval accuracy" in text
+
+
+def test_superseded_measured_runs_are_left_out(tmp_path):
+    from hack_cli.report.results import load_runs
+
+    for name, extra in (("old", {"superseded_by": "jct/new", "superseded_because": "engine bug"}), ("new", {})):
+        (tmp_path / "jct" / name).mkdir(parents=True)
+        (tmp_path / "jct" / name / "summary.json").write_text(json.dumps(
+            {"method": "fp16", "model": "llama31_8b", "trace": "long", "rate": 0.3, "jct_mean": 1.0, **extra}))
+    runs = load_runs(tmp_path)
+    assert list(runs["dir"]) == ["jct/new"]

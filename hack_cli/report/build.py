@@ -71,7 +71,8 @@ class Report:
                           f"- simulated serving runs (`results/sim/`): {int(runs['simulated'].sum())}\n")
         for p in self.r.profiles:
             dates = sorted({e["measured"]["date"][:10] for e in p["methods"].values()})
-            torch_v = sorted({e["measured"]["torch"] for e in p["methods"].values()})
+            torch_v = sorted({e["measured"].get("torch") or "unrecorded (fitted to measured runs)"
+                              for e in p["methods"].values()})
             self.parts.append(f"- profile `{p['path']}`: {p['device_name']} ({p['card']}), model "
                               f"{p['model']['name']}, methods {', '.join(p['methods'])}; torch {', '.join(torch_v)}; "
                               f"{', '.join(dates)}\n")
@@ -184,7 +185,7 @@ class Report:
     def partition(self) -> None:
         self.section("Partition size: accuracy vs JCT")
         sim = self.r.select(True, bundle="partition")
-        acc = self.r.accuracy[self.r.accuracy["method"].astype(str).str.startswith("hack")]
+        acc = self.r.accuracy[self.r.accuracy["method"].astype(str).str.startswith("hack-channel-b2")]  # as simulated
         if sim.empty:
             self.parts.append(_missing("the `partition` bundle", "hack bench jct -m experiment=sim_partition"))
             return
@@ -192,12 +193,12 @@ class Report:
         points = sim.groupby("partition")["jct_mean"].mean().reset_index()
         points["partition"] = points["partition"].astype(int)
         scores = acc.groupby("partition")["score"].mean() if not acc.empty else pd.Series(dtype=float)
-        points["score"] = [scores.get(p, "—") for p in points["partition"]]
+        points["score"] = [f"{scores[p]:.1f}" if p in scores else "—" for p in points["partition"]]
         if acc.empty:
             self.parts.append(_missing("accuracy per partition size", "hack eval accuracy -m quant=hack "
                                        "quant.partition=32,64,128"))
         self.parts.append(_table(points, ["partition", "jct_mean", "score"],
-                                 {"jct_mean": "{:.2f}", "score": "{}"}))
+                                 {"partition": "{:.0f}", "jct_mean": "{:.2f}", "score": "{}"}))
         self.figure("partition.png", figures.partition(points, self.out / "partition.png"),
                     "HACK's partition size Π: accuracy (measured) vs mean JCT (simulated).")
 

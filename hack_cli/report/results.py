@@ -2,6 +2,7 @@
 
   results/jct/**/summary.json (+ config.yaml beside it)   measured serving runs (`hack bench jct`)
   results/sim/**/summary.json (+ config.yaml)             simulated runs (`hack bench jct jct.mode=sim`)
+  A summary with `superseded_by` (a later run of the same setting; `superseded_because` says why) is skipped.
   results/profiles/*.json                                 cost profiles (`hack bench profile`)
   results/accuracy/**/accuracy_table.csv                  accuracy tables (`hack eval accuracy`)
 The first folder under results/jct or results/sim names the run's bundle (e.g. results/sim/gpus/3 -> `gpus`).
@@ -57,7 +58,8 @@ def load_runs(results: Path) -> pd.DataFrame:
     rows = []
     for sub, simulated in (("jct", False), ("sim", True)):
         for path in sorted((results / sub).rglob("summary.json")):
-            rows.append(_run_row(results, path, simulated))
+            if not json.loads(path.read_text()).get("superseded_by"):
+                rows.append(_run_row(results, path, simulated))
     columns = ["bundle", "dir", "simulated", "method", "partition", "model", "trace", "rate", "bandwidth_gbps",
                "budget_gb", "prefill_gpu", "decode_gpu", "card", "measured_run", *METRICS]
     return pd.DataFrame(rows, columns=columns)
