@@ -170,3 +170,21 @@ def test_sequences_are_independent(calib):
     b.append(k, v2)
     for name, t in a.export_seq(0).items():
         assert torch.equal(b.export_seq(0)[name], t), name
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text"])
+def test_calibration_checks_pre_rope_keys_after_k_norm(model_type):
+    """Qwen3 applies k_norm before the head transpose, Gemma-3 after it (and keeps only its window in sliding
+    layers): the captured pre-RoPE keys must line up with the inverted cache in both."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    extra = {"sliding_window": 32, "query_pre_attn_scalar": 16} if model_type == "gemma3_text" else {}
+    config = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                  max_position_embeddings=512, **extra)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    seqs = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    tensors, meta = fit(model, seqs, bits=2, fraction=0.01, sinks=1, iters=5)
+    assert float(meta["rope_check_rel_err"]) < 1e-2
+    assert tensors["key_levels_pre"].shape[:3] == (2, 1, 16)

@@ -97,10 +97,14 @@ def _pre_rope_hooks(model, captured: dict):
         mod = getattr(attn, "k_norm", None) or getattr(attn, "k_proj", None)
         if mod is None:
             return hooks
-        head_dim = attn.head_dim
+        head_dim, kv_heads = attn.head_dim, attn.config.num_key_value_heads
 
-        def hook(_m, _inp, out, i=i, head_dim=head_dim):
-            captured[i] = out.reshape(*out.shape[:2], -1, head_dim).transpose(1, 2).detach().float()  # (B,H,T,D)
+        def hook(_m, _inp, out, i=i, head_dim=head_dim, kv_heads=kv_heads):
+            # k_proj gives (B, T, H·D); k_norm sees (B, T, H, D) (Qwen3) or, after the transpose, (B, H, T, D)
+            # (Gemma-3). Calibration windows are longer than any model has KV heads, so T != H tells them apart.
+            heads_first = out.dim() == 4 and out.shape[1] == kv_heads and out.shape[2] != kv_heads
+            k = out if heads_first else out.reshape(*out.shape[:2], kv_heads, head_dim).transpose(1, 2)
+            captured[i] = k.detach().float()  # (B, H, T, D)
         hooks.append(mod.register_forward_hook(hook))
     return hooks
 
