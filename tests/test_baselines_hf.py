@@ -1,14 +1,10 @@
 """The baselines inside a real Hugging Face model: `generate` on the tiny random Llama (fast) and on SmolLM2
 (slow): the compressed cache is what attention reads, it is smaller than fp16, and the text stays sane."""
-from pathlib import Path
-
 import pytest
 import torch
 
 from hack_cli.hf import cache_keyword, generate, load_model, make_cache, make_method, prepare_model
 from hack_cli.methods.kvquant_calib import fit, save
-
-SMOL_CALIBRATION = Path(__file__).parents[1] / "results/calibration/kvquant/smollm2.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +46,20 @@ def test_generate_on_tiny_model_reads_the_compressed_cache(tiny, tiny_calibratio
 
 
 @pytest.fixture(scope="module")
+def smol_calibration(tmp_path_factory):
+    """SmolLM2's KVQuant calibration, made by the command a user runs (defaults: seed 0, deterministic; ~1 min)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("kvquant")
+    path = out / "smollm2.safetensors"
+    subprocess.run([sys.executable, "-m", "hack_cli", "calibrate", "kvquant", "model=smollm2", f"calibrate.output={path}",
+                    f"out_dir={out / 'run'}", "logging.wandb.mode=disabled", "logging.progress=false"],
+                   check=True, capture_output=True, timeout=900)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def smollm2_needle():
     """SmolLM2 and a ~600-token chat prompt: an essay excerpt hiding one number (most of its KV gets quantized)."""
     from hack_cli.config import package_path
@@ -71,8 +81,10 @@ def smollm2_needle():
 @pytest.mark.parametrize("name,fields,expect", [
     ("fp8", {}, "7481"), ("kivi", {}, "7481"), ("cachegen", {}, "7481"),
     # 2-bit keys everywhere (no 16-bit residual): on this 135M model KVQuant answers "7." and HACK "748."
-    ("kvquant", {"calibration": str(SMOL_CALIBRATION)}, "magic number mentioned in the text is 7")])
-def test_smollm2_finds_the_needle_like_fp16(smollm2_needle, name, fields, expect):
+    ("kvquant", {"calibration": None}, "magic number mentioned in the text is 7")])
+def test_smollm2_finds_the_needle_like_fp16(smollm2_needle, request, name, fields, expect):
     """Greedy decoding over the compressed cache still answers the question from the text, as fp16 does."""
+    if "calibration" in fields:
+        fields = {**fields, "calibration": request.getfixturevalue("smol_calibration")}
     got = smollm2_needle(make_method(name, **fields))
     assert expect in got, got

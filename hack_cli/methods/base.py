@@ -119,6 +119,13 @@ class LayerKV:
         raise NotImplementedError
 
 
+def grown_capacity(have: int, need: int, min_step: int) -> int:
+    """Slots to hold `need`, growing from `have`: exactly `need` when empty (an installed prompt), else at least 1/8
+    (and `min_step`) more. Appends stay amortized O(1), and a decode server's store holds at most ~12% more than its
+    tokens (doubling would hold up to twice a long prompt's KV once its first output token arrives)."""
+    return need if have == 0 else max(need, have + max(min_step, have // 8))
+
+
 def key_mask(key_pos: torch.Tensor, key_ok: torch.Tensor, q_pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
     """Which keys each query may see. key_pos, key_ok: (B, N); q_pos: (B, Tq) -> (B, 1, Tq, N) bool."""
     kp, qp = key_pos[:, None, :], q_pos[:, :, None]  # (B, 1, N), (B, Tq, 1)

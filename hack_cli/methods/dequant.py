@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hack_cli.methods.base import key_mask
+from hack_cli.methods.base import grown_capacity, key_mask
 from hack_cli.methods.hack.quantizer import unpack
 
 # cuDNN's SDPA builds a new plan for every new key length: ~1.5 ms of host time per call on an H100 (measured,
@@ -45,15 +45,12 @@ def sdpa_over(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_pos: torch.
 
 
 def grow(t: torch.Tensor, need: int, dim: int = 2) -> torch.Tensor:
-    """`t` with at least `need` slots along `dim`, zero-filled. An empty `t` gets exactly `need` (an installed
-    prompt); after that it grows by 1/8 (at least 64 slots): appends stay amortized O(1), and a decode server's
-    store holds at most ~12% more than its tokens (doubling would hold up to twice a long prompt's KV once its
-    first output token arrives)."""
+    """`t` with at least `need` slots along `dim`, zero-filled, grown by `grown_capacity` (steps of >= 64)."""
     have = t.shape[dim]
     if need <= have:
         return t
     shape = list(t.shape)
-    shape[dim] = (need if have == 0 else max(need, have + max(64, have // 8))) - have
+    shape[dim] = grown_capacity(have, need, 64) - have
     return torch.cat([t, t.new_zeros(shape)], dim)
 
 

@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_jct_gpu")
     args = p.parse_args(argv)
-    from hack_cli.serve.bench import serve_many, summarize_run
+    from hack_cli.serve.bench import read_summary, serve_many
 
     specs = build_specs(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         serve_many(specs, args.out)
     except HackError as e:
         print(f"error: {e}", file=sys.stderr)
-    rows = [summarize_run(s) for s in specs if (Path(s.run_dir) / "done").exists()]
+    rows = [read_summary(s) for s in specs if (Path(s.run_dir) / "done").exists()]
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         with open(Path(args.out) / "sweep.csv", "w", newline="") as f:

@@ -71,6 +71,13 @@ class BatchCache(Cache):
         super().__init__(layers=[BatchLayer(stores) for stores in per_layer])
 
 
+class NullWriter:
+    """A record writer that keeps nothing: engines run for warm-up or timing, not for a run's results."""
+
+    def write(self, record) -> None:
+        pass
+
+
 @dataclass
 class Active:
     record: RequestRecord

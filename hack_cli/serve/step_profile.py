@@ -1,9 +1,10 @@
 """Time (and profile) one decode-engine iteration against Hugging Face's own decode step, on one GPU.
 
 The JCT runs' decode step is the engine's `DecodeEngine.step`: the model's linear layers over the batch, each
-request's attention over its own method store. This tool fills B requests of `--context` tokens through the real
-prefill -> export -> install path, then times engine steps, and as the reference the same model with its stock
-SDPA attention and a `DynamicCache` of the same batch and context (what an unmodified HF server pays).
+request's attention over its own method store. This tool installs B requests of `--context` tokens through the real
+prefill -> export -> install path (`hack_cli.sim.measure.decode_engine`), then times engine steps, and as the
+reference the same model with its stock SDPA attention and a `DynamicCache` of the same batch and context held
+fixed (what an unmodified HF server pays per step, with SDPA's plan for that one key length cached).
 
     python -m hack_cli.serve.step_profile --model llama31_8b --methods fp16,hack --batch 1,6 --context 15000
 
@@ -14,23 +15,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from hack_cli.serve.prefill import sync
+from hack_cli.sim.measure import decode_engine, sync, timed
 
 
 def median_ms(fn, device, repeats: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return 1e3 * statistics.median(timed(fn, device)[0] for _ in range(repeats))
 
 
 @torch.no_grad()
@@ -42,13 +35,13 @@ def stock_step_ms(model, batch: int, context: int, device, repeats: int) -> floa
 
     model.set_attn_implementation("sdpa")
     vocab = model.config.get_text_config().vocab_size
-    cache = DynamicCache(config=model.config)
     kw = cache_keyword(model)
-    for i in range(batch):  # prefill one sequence at a time (activation memory), then stack the layers
+    cache = None
+    for _ in range(batch):  # prefill one sequence at a time (activation memory), then stack the layers
         one = DynamicCache(config=model.config)
         model(input_ids=torch.randint(0, vocab, (1, context), device=device), use_cache=True, logits_to_keep=1,
               **{kw: one})
-        if i == 0:
+        if cache is None:
             cache = one
         else:
             for dst, src in zip(cache.layers, one.layers):
@@ -64,27 +57,6 @@ def stock_step_ms(model, batch: int, context: int, device, repeats: int) -> floa
     del cache
     prepare_model(model)
     return ms
-
-
-@torch.no_grad()
-def engine(model, method, batch: int, context: int, device, steps: int):
-    """A DecodeEngine with `batch` requests installed from real prefill payloads of `context` tokens."""
-    from hack_cli.serve.decode import Active, DecodeEngine
-    from hack_cli.serve.link import pack_payload
-    from hack_cli.serve.metrics import RequestRecord
-    from hack_cli.serve.prefill import export_payload, prefill_payload, prompt_ids
-    from hack_cli.serve.workers import _NoWriter
-
-    eng = DecodeEngine(model, method, device, float("inf"), _NoWriter(), time.monotonic())
-    vocab = model.config.get_text_config().vocab_size
-    for rid in range(batch):
-        cache, first = prefill_payload(model, method, prompt_ids(0, rid, context, vocab, device))
-        buf, manifest = pack_payload(export_payload(cache))
-        del cache
-        stores = eng.install(manifest, buf)
-        rec = RequestRecord(rid, context, steps + 1, True, 0.0)
-        eng.active.append(Active(rec, stores, first, context, steps, [first]))
-    return eng
 
 
 def main(argv=None) -> None:
@@ -110,13 +82,12 @@ def main(argv=None) -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{card}, {args.model} ({mc.weights} {mc.dtype}), context {args.context}", flush=True)
     for batch in map(int, args.batch.split(",")):
-        print(f"stock HF sdpa + DynamicCache  B={batch}: {stock_step_ms(model, batch, args.context, device, args.repeats):8.2f} ms",
-              flush=True)
+        ms = stock_step_ms(model, batch, args.context, device, args.repeats)
+        print(f"stock HF sdpa + DynamicCache  B={batch}: {ms:8.2f} ms", flush=True)
         for name in args.methods.split(","):
-            method = make_method(name)
-            eng = engine(model, method, batch, args.context, device, args.repeats * 4 + 8)
-            ms = median_ms(eng.step, device, args.repeats)
-            print(f"engine {name:8s}                B={batch}: {ms:8.2f} ms", flush=True)
+            eng = decode_engine(model, make_method(name), device, args.context, batch)
+            print(f"engine {name:8s}                B={batch}: {median_ms(eng.step, device, args.repeats):8.2f} ms",
+                  flush=True)
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -128,7 +99,8 @@ def main(argv=None) -> None:
                 print(table.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
                 print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
             del eng
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def build_model(mc, device):
 
 def warm_up(model, method, device, wire, tokens: int = 64) -> None:
     """One untimed prefill, export, install and decode step: kernels compiled and caches allocated."""
-    from hack_cli.serve.decode import Active, DecodeEngine
+    from hack_cli.serve.decode import Active, DecodeEngine, NullWriter
     from hack_cli.serve.link import pack_payload
     from hack_cli.serve.metrics import RequestRecord
     from hack_cli.serve.prefill import export_payload, prefill_payload, prompt_ids
@@ -92,15 +92,10 @@ def warm_up(model, method, device, wire, tokens: int = 64) -> None:
     ids = prompt_ids(0, -1, tokens, model.config.get_text_config().vocab_size, device)
     cache, first = prefill_payload(model, method, ids)
     buf, manifest = pack_payload(export_payload(cache))
-    engine = DecodeEngine(model, method, device, float("inf"), _NoWriter(), time.monotonic())
+    engine = DecodeEngine(model, method, device, float("inf"), NullWriter(), time.monotonic())
     stores = engine.install(manifest, buf.to(wire))
     engine.active = [Active(RequestRecord(-1, tokens, 2, True, 0.0), stores, first, tokens, 1, [first])]
     engine.step()
-
-
-class _NoWriter:
-    def write(self, record) -> None:
-        pass
 
 
 def worker(rank: int, specs: list[ServeSpec], master_port: int) -> None:
@@ -146,6 +141,7 @@ def serve_one(rank: int, idx: int, spec: ServeSpec, model, device, wire) -> None
     """One run: warm up the method, agree on the start, then prefill (rank 0) or decode (rank 1) its trace."""
     from hack_cli.methods import build_method
     from hack_cli.serve import link
+    from hack_cli.serve.bench import summarize_run
     from hack_cli.serve.decode import DecodeEngine, serve_decode
     from hack_cli.serve.metrics import RecordWriter
     from hack_cli.serve.prefill import serve_prefill
@@ -184,6 +180,7 @@ def serve_one(rank: int, idx: int, spec: ServeSpec, model, device, wire) -> None
         writer.close()
         engine.steps_file.close()
     receiver.thread.join(jct.stall_timeout_s)  # the end marker follows the last payload
+    summarize_run(spec)  # summary.json as each run ends: a later run's failure or a killed sweep keeps it
     (run_dir / "done").touch()
     print(f"[bench jct] {run_dir.name}: {engine.done} requests served by {engine.now():.1f} s", flush=True)
 

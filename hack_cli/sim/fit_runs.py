@@ -74,7 +74,7 @@ def build(model: str, card: str, device_name: str, runs: list[Path]) -> dict:
 
     mc = model_config(model)
     arch = dict(mc.architecture)
-    config = AutoConfig.for_model(**{**arch, "model_type": arch["model_type"]})
+    config = AutoConfig.for_model(**arch)
     with torch.device("meta"):  # parameter count without memory
         weight_bytes = sum(p.numel() * 2 for p in AutoModelForCausalLM.from_config(config).parameters())  # bf16
     by_method: dict[str, list[Path]] = {}

@@ -35,20 +35,15 @@ def timed(fn: Callable, device: torch.device):
     return time.perf_counter() - start, out
 
 
-class _NoWriter:
-    def write(self, record) -> None:
-        pass
-
-
 @torch.no_grad()
 def measure_prompt(model, method, device: torch.device, L: int, repeats: int) -> dict:
     """prefill, compress and install times and the bytes of one L-token prompt."""
-    from hack_cli.serve.decode import DecodeEngine
+    from hack_cli.serve.decode import DecodeEngine, NullWriter
     from hack_cli.serve.link import HEADER_LEN, pack_payload
     from hack_cli.serve.prefill import export_payload, prefill_payload, prompt_ids
 
     ids = prompt_ids(0, L, L, model.config.get_text_config().vocab_size, device)
-    engine = DecodeEngine(model, method, device, float("inf"), _NoWriter(), time.monotonic())
+    engine = DecodeEngine(model, method, device, float("inf"), NullWriter(), time.monotonic())
     times: dict[str, list[float]] = {"prefill": [], "compress": [], "install": []}
     for _ in range(repeats):
         t, (cache, _) = timed(lambda: prefill_payload(model, method, ids), device)
@@ -74,33 +69,41 @@ def _copy(stores: list, install: Callable) -> list:
 
 
 @torch.no_grad()
-def measure_decode(model, method, device: torch.device, C: int, batches: list[int], steps: int,
-                   payload_method=None) -> list[dict]:
-    """Decode iteration time of batches of B requests with C tokens of context each: one real prompt of C tokens
-    prefilled (by `payload_method`, default `method`), exported and installed as the decode side does, then copied
-    B times."""
-    from hack_cli.serve.decode import Active, DecodeEngine
+def decode_engine(model, method, device: torch.device, C: int, B: int, payload_method=None):
+    """A DecodeEngine with B active requests of C tokens of context each: one real prompt of C tokens prefilled (by
+    `payload_method`, default `method`), exported and installed as the decode side does, then copied B times."""
+    from hack_cli.serve.decode import Active, DecodeEngine, NullWriter
     from hack_cli.serve.link import pack_payload
     from hack_cli.serve.metrics import RequestRecord
     from hack_cli.serve.prefill import export_payload, prefill_payload, prompt_ids
 
-    engine = DecodeEngine(model, method, device, float("inf"), _NoWriter(), time.monotonic())
+    engine = DecodeEngine(model, method, device, float("inf"), NullWriter(), time.monotonic())
     ids = prompt_ids(0, C, C, model.config.get_text_config().vocab_size, device)
     cache, first = prefill_payload(model, payload_method or method, ids)
     payload, manifest = pack_payload(export_payload(cache))
     del cache
     install = lambda: engine.install(manifest, payload)  # noqa: E731
     base = install()
-    copies = [base] + [_copy(base, install) for _ in range(max(batches) - 1)]
+    copies = [base] + [_copy(base, install) for _ in range(B - 1)]
+    engine.active = [Active(record=RequestRecord(-1, C, 10 ** 9, True, 0.0), stores=stores, token=first, pos=C,
+                            left=10 ** 9, tokens=[]) for stores in copies]
+    return engine
+
+
+@torch.no_grad()
+def measure_decode(model, method, device: torch.device, C: int, batches: list[int], steps: int,
+                   payload_method=None) -> list[dict]:
+    """Decode iteration time of batches of B requests with C tokens of context each (`decode_engine`)."""
+    engine = decode_engine(model, method, device, C, max(batches), payload_method)
+    requests = engine.active
     rows = []
     for B in sorted(batches):
-        engine.active = [Active(record=RequestRecord(-1, C, 10 ** 9, True, 0.0), stores=copies[i], token=first,
-                                pos=C, left=10 ** 9, tokens=[]) for i in range(B)]
+        engine.active = requests[:B]
         engine.step()  # warm: this batch shape's kernels and allocations
         times = [timed(engine.step, device)[0] for _ in range(steps)]
         rows.append({"B": B, "C": C * B, "C_each": C, "decode": statistics.median(times)})
     engine.active = []
-    del copies, base
+    del requests, engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows

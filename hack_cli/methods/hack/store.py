@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from hack_cli.methods.base import Bytes, LayerKV, key_mask, masked_softmax
+from hack_cli.methods.base import Bytes, LayerKV, grown_capacity, key_mask, masked_softmax
 from hack_cli.methods.hack import homomorphic as hm
 from hack_cli.methods.hack.quantizer import dequantize, pack, quantize, sum_dtype, unpack
 
@@ -66,7 +66,7 @@ class HackLayerKV(LayerKV):
         have = self.blocks["k_codes"].shape[2] if self.blocks else 0
         if need <= have:
             return
-        nb = max(need, have + max(1, have // 8))  # geometric (amortized O(1)) without doubling a long prompt
+        nb = grown_capacity(have, need, 1)
         for name, (shape, dt) in self._shapes(nb).items():
             new = torch.zeros(shape, dtype=dt, device=self.device)
             if have:
