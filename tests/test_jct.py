@@ -61,6 +61,16 @@ def test_real_runs_core_methods(tmp_path):
     """fp16 and HACK served by one pair of workers (one spawn, one model load), run after run."""
     specs = [spec_for(m, tmp_path / m, save_tokens=True) for m in CORE]
     for spec, summary in zip(specs, serve_many(specs, tmp_path)):
+        assert summary["engine"] == "eager"
+        check_run(spec.quant.name, Path(spec.run_dir), summary)
+
+
+def test_real_runs_graph_engine(tmp_path):
+    """The same runs with the graph decode engine (slots, one kernel call per layer; eager on CPU, the kernels in
+    the interpreter): phases, bytes, and fp16's tokens equal local generation."""
+    specs = [spec_for(m, tmp_path / m, save_tokens=True, engine="graph") for m in CORE]
+    for spec, summary in zip(specs, serve_many(specs, tmp_path)):
+        assert summary["engine"] == "graph"
         check_run(spec.quant.name, Path(spec.run_dir), summary)
 
 

@@ -109,6 +109,10 @@ class LayerKV:
     def stored_bytes(self) -> Bytes:
         raise NotImplementedError
 
+    def seq_bytes(self, b: int) -> Bytes:
+        """Exact bytes held for sequence b (`stored_bytes` is their sum over the batch)."""
+        raise NotImplementedError
+
     def transfer_bytes(self) -> Bytes:
         return self.stored_bytes()
 

@@ -39,8 +39,11 @@ class FP16LayerKV(LayerKV):
         k, v = (self.kv[x][:, :, :n] for x in "kv")  # (B, H, N, D)
         return sdpa_over(q, k, v, pos, pos < self.lengths[:, None], self.q_pos[:, -q.shape[2]:], scaling, window)
 
+    def seq_bytes(self, b: int) -> Bytes:
+        return Bytes(fp16=2 * int(self.lengths[b]) * self.kv_heads * self.head_dim * 2)
+
     def stored_bytes(self) -> Bytes:
-        return Bytes(fp16=2 * int(self.lengths.sum()) * self.kv_heads * self.head_dim * 2)
+        return sum((self.seq_bytes(b) for b in range(self.batch)), Bytes())
 
     def export_seq(self, b: int) -> dict[str, torch.Tensor]:
         n = int(self.lengths[b])

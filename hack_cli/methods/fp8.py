@@ -62,12 +62,12 @@ class FP8LayerKV(LayerKV):
         pos = torch.arange(k.shape[2]).expand(self.batch, -1)  # (B, N)
         return sdpa_over(q, k, v, pos, pos < self.lengths[:, None], self.q_pos[:, -q.shape[2]:], scaling, window)
 
-    def _seq_bytes(self, b: int) -> Bytes:
+    def seq_bytes(self, b: int) -> Bytes:
         n = int(self.lengths[b])
         return Bytes(codes=2 * self.kv_heads * n * self.head_dim, meta=2 * self.kv_heads * 4 if n else 0)
 
     def stored_bytes(self) -> Bytes:
-        return sum((self._seq_bytes(b) for b in range(self.batch)), Bytes())
+        return sum((self.seq_bytes(b) for b in range(self.batch)), Bytes())
 
     def export_seq(self, b: int) -> dict[str, torch.Tensor]:
         n = int(self.lengths[b])

@@ -139,7 +139,7 @@ class KiviLayerKV(LayerKV):
         return sdpa_over(q, k, v, pos, ok, self.q_pos[:, -q.shape[2]:], scaling, window)
 
     # ------------------------------------------------------------------------------------------ bytes / wire
-    def _seq_bytes(self, b: int) -> Bytes:
+    def seq_bytes(self, b: int) -> Bytes:
         H, D, G = self.kv_heads, self.head_dim, self.group
         nq, nr = int(self.n_q[b]), int(self.n_res[b])
         tail = torch.finfo(self.tail_dtype).bits // 8
@@ -148,7 +148,7 @@ class KiviLayerKV(LayerKV):
                      fp16=2 * H * nr * D * tail)
 
     def stored_bytes(self) -> Bytes:
-        return sum((self._seq_bytes(b) for b in range(self.batch)), Bytes())
+        return sum((self.seq_bytes(b) for b in range(self.batch)), Bytes())
 
     def export_seq(self, b: int) -> dict[str, torch.Tensor]:
         nq, nr, G = int(self.n_q[b]), int(self.n_res[b]), self.group

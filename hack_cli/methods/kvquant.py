@@ -270,7 +270,7 @@ class KVQuantLayerKV(LayerKV):
         return sdpa_over(q, k, v, pos, pos < self.lengths[:, None], self.q_pos[:, -q.shape[2]:], scaling, window)
 
     # ------------------------------------------------------------------------------------------ bytes / wire
-    def _seq_bytes(self, b: int) -> Bytes:
+    def seq_bytes(self, b: int) -> Bytes:
         H, D = self.kv_heads, self.head_dim
         n, sp = self.n_quant(b), self.sparse[b]
         sinks = min(int(self.lengths[b]), self.sinks)
@@ -280,7 +280,7 @@ class KVQuantLayerKV(LayerKV):
                      index=2 * (sp["k_count"].numel() + sp["k_idx"].numel() + sp["v_idx"].numel()))
 
     def stored_bytes(self) -> Bytes:
-        return sum((self._seq_bytes(b) for b in range(self.batch)), Bytes())
+        return sum((self.seq_bytes(b) for b in range(self.batch)), Bytes())
 
     def export_seq(self, b: int) -> dict[str, torch.Tensor]:
         n, s = self.n_quant(b), min(int(self.lengths[b]), self.sinks)

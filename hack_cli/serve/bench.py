@@ -27,6 +27,11 @@ class JctConfig:
     save_tokens: bool = False  # write every request's output token ids to tokens.jsonl (correctness checks)
     kvquant_random_calibration: bool = False  # quant=kvquant whose calibration file is missing: fit on random tokens
     max_requests: int = 0  # >0: serve only the first N requests of the trace (scaled-down runs)
+    # Decode engine: graph = decode slots + one captured CUDA graph per batch bucket (hack_cli/serve/graph.py);
+    # eager = the model as transformers runs it, attention per request; auto = graph on CUDA where it applies
+    # (fp16, HACK's channel layout; Llama/Mistral/Qwen models), else eager. summary.json names the one used.
+    engine: str = "auto"
+    max_slots: int = 64  # graph engine: most requests decoding at once (also bounded by the KV budget)
     fault: str = "none"  # fault injection for tests: none | kill_prefill | stall_link
     fault_at: int = 1  # the request at which the fault happens
 
@@ -34,6 +39,8 @@ class JctConfig:
         check_choice("jct.mode", self.mode, ("real", "sim"))
         check_choice("jct.backend", self.backend, ("auto", "gloo", "nccl"))
         check_choice("jct.fault", self.fault, ("none", "kill_prefill", "stall_link"))
+        check_choice("jct.engine", self.engine, ("auto", "graph", "eager"))
+        check_positive("jct.max_slots", self.max_slots)
         check_positive("jct.chunk_mb", self.chunk_mb)
         check_positive("jct.stall_timeout_s", self.stall_timeout_s)
         if self.max_requests < 0:
@@ -79,7 +86,7 @@ def read_summary(spec) -> dict:
     return json.loads((Path(spec.run_dir) / "summary.json").read_text())
 
 
-def summarize_run(spec) -> dict:
+def summarize_run(spec, engine: str) -> dict:
     from hack_cli.serve.metrics import read_per_request_csv, summarize, write_summary
 
     records = read_per_request_csv(Path(spec.run_dir) / "per_request.csv")
@@ -93,7 +100,8 @@ def summarize_run(spec) -> dict:
             summary.update(decode_steps=int(rows.shape[0]), step_mean_s=float(rows[:, 3].mean()),
                            step_batch_mean=float(rows[:, 1].mean()))
     summary.update(method=spec.quant.name, model=spec.model.name, bandwidth_gbps=spec.cluster.bandwidth_gbps,
-                   rate=spec.trace.rate, trace=spec.trace.name, decode_kv_budget_gb=spec.cluster.decode_kv_budget_gb)
+                   rate=spec.trace.rate, trace=spec.trace.name, decode_kv_budget_gb=spec.cluster.decode_kv_budget_gb,
+                   engine=engine)
     write_summary(Path(spec.run_dir) / "summary.json", summary)
     return summary
 

@@ -81,7 +81,7 @@ class NullWriter:
 @dataclass
 class Active:
     record: RequestRecord
-    stores: list  # one LayerKV (batch 1) per layer
+    stores: list | int  # one LayerKV (batch 1) per layer; the graph engine: the request's slot
     token: int  # the next input token
     pos: int  # its position
     left: int  # decode iterations still to run
@@ -89,6 +89,8 @@ class Active:
 
 
 class DecodeEngine:
+    name = "eager"
+
     def __init__(self, model, method, device: torch.device, budget_bytes: float, writer, t0: float,
                  tokens_path=None, steps_path=None):
         from hack_cli.hf.attention import text_config
@@ -123,12 +125,16 @@ class DecodeEngine:
         rec.kv_reserved_bytes = math.ceil(rec.payload_bytes * (rec.prompt_len + rec.output_len) / rec.prompt_len)
         self.waiting.append((rec, manifest, payload, int(h[H_FIRST_TOKEN])))
 
+    def room(self, rec: RequestRecord) -> bool:
+        """Whether `rec` may be admitted now: its reservation fits what is left of the budget."""
+        return self.used + rec.kv_reserved_bytes <= self.budget
+
     def admit(self) -> None:
-        while self.waiting and self.used + self.waiting[0][0].kv_reserved_bytes <= self.budget:
+        while self.waiting and self.room(self.waiting[0][0]):
             rec, manifest, payload, first = self.waiting.popleft()
             rec.admit = self.now()
             self.used += rec.kv_reserved_bytes
-            stores = self.install(manifest, payload)
+            stores = self.install(manifest, payload, rec)
             sync(self.device)
             rec.install_end = self.now()
             act = Active(rec, stores, first, rec.prompt_len, rec.output_len - 1, [first])
@@ -141,7 +147,7 @@ class DecodeEngine:
             raise HackError(f"request {rec.rid} needs {rec.kv_reserved_bytes / 1e9:.3f} GB of decode KV, more than "
                             f"the whole cluster.decode_kv_budget_gb={self.budget / 1e9:g}")
 
-    def install(self, manifest, payload: torch.Tensor) -> list:
+    def install(self, manifest, payload: torch.Tensor, rec: RequestRecord | None = None) -> list:
         state = unpack_payload(payload.to(self.device), manifest, self.layers)
         stores = []
         for layer in range(self.layers):
@@ -177,9 +183,13 @@ class DecodeEngine:
                 still.append(a)
         self.active = still
 
+    def release(self, a: Active) -> int:
+        """The bytes a finished request's KV held; its stores are dropped."""
+        return sum(s.stored_bytes().total for s in a.stores)
+
     def finish(self, a: Active, end: float) -> None:
         a.record.finish = end
-        a.record.kv_stored_bytes = sum(s.stored_bytes().total for s in a.stores)
+        a.record.kv_stored_bytes = self.release(a)
         self.used -= a.record.kv_reserved_bytes
         self.writer.write(a.record)
         if self.tokens_file:

@@ -1,12 +1,14 @@
 """Time (and profile) one decode-engine iteration against Hugging Face's own decode step, on one GPU.
 
-The JCT runs' decode step is the engine's `DecodeEngine.step`: the model's linear layers over the batch, each
-request's attention over its own method store. This tool installs B requests of `--context` tokens through the real
+The JCT runs' decode step is the engine's `step`: eager (`DecodeEngine`: the model's linear layers over the batch,
+each request's attention over its own method store) or graph (`GraphDecodeEngine`: decode slots, one kernel call
+per layer, the iteration replayed as a CUDA graph). This tool installs B requests of `--context` tokens through the real
 prefill -> export -> install path (`hack_cli.sim.measure.decode_engine`), then times engine steps, and as the
 reference the same model with its stock SDPA attention and a `DynamicCache` of the same batch and context held
 fixed (what an unmodified HF server pays per step, with SDPA's plan for that one key length cached).
 
-    python -m hack_cli.serve.step_profile --model llama31_8b --methods fp16,hack --batch 1,6 --context 15000
+    python -m hack_cli.serve.step_profile --model llama31_8b --methods fp16,hack --engines eager,graph \
+        --batch 1,6 --context 15000
 
 Prints one line per (method, batch) with the median step in ms, and with `--profile` the top operators by
 self CUDA and self CPU time (torch.profiler) of three engine steps.
@@ -14,6 +16,7 @@ self CUDA and self CPU time (torch.profiler) of three engine steps.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 
 import torch
@@ -63,6 +66,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama31_8b")
     p.add_argument("--methods", default="fp16,hack")
+    p.add_argument("--engines", default="eager,graph")
     p.add_argument("--batch", default="1,6")
     p.add_argument("--context", type=int, default=15000)
     p.add_argument("--repeats", type=int, default=10)
@@ -84,10 +88,11 @@ def main(argv=None) -> None:
     for batch in map(int, args.batch.split(",")):
         ms = stock_step_ms(model, batch, args.context, device, args.repeats)
         print(f"stock HF sdpa + DynamicCache  B={batch}: {ms:8.2f} ms", flush=True)
-        for name in args.methods.split(","):
-            eng = decode_engine(model, make_method(name), device, args.context, batch)
-            print(f"engine {name:8s}                B={batch}: {median_ms(eng.step, device, args.repeats):8.2f} ms",
-                  flush=True)
+        for name, kind in itertools.product(args.methods.split(","), args.engines.split(",")):
+            eng = decode_engine(model, make_method(name), device, args.context, batch, engine=kind,
+                                headroom=args.repeats + 8)
+            ms = median_ms(eng.step, device, args.repeats)
+            print(f"{kind:5s} engine {name:8s}          B={batch}: {ms:8.2f} ms", flush=True)
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
 

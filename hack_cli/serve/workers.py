@@ -142,7 +142,7 @@ def serve_one(rank: int, idx: int, spec: ServeSpec, model, device, wire) -> None
     from hack_cli.methods import build_method
     from hack_cli.serve import link
     from hack_cli.serve.bench import summarize_run
-    from hack_cli.serve.decode import DecodeEngine, serve_decode
+    from hack_cli.serve.decode import serve_decode
     from hack_cli.serve.metrics import RecordWriter
     from hack_cli.serve.prefill import serve_prefill
     from hack_cli.serve.trace import make_trace
@@ -158,6 +158,9 @@ def serve_one(rank: int, idx: int, spec: ServeSpec, model, device, wire) -> None
         quant = random_kvquant_calibration(rank, idx, spec, model)
     method = build_method(quant)
     warm_up(model, method, device, wire)
+    if rank == 1:  # built before the start: the graph engine allocates its slots and captures its graphs
+        writer = RecordWriter(run_dir / "per_request.csv")
+        engine = decode_engine(spec, trace, model, method, device, writer)
     rendezvous(f"run{idx}/warm", rank)  # the other worker may still be finishing the previous run
     offset = link.clock_sync(rank, peer, wire)
     start = link.agree_start(rank, peer, wire, offset, lead_s=0.2)  # the run's t0 on this rank's clock
@@ -170,19 +173,32 @@ def serve_one(rank: int, idx: int, spec: ServeSpec, model, device, wire) -> None
         sender.close()
         return
     receiver = link.LinkReceiver(peer, wire, chunk, jct.stall_timeout_s)
-    writer = RecordWriter(run_dir / "per_request.csv")
-    engine = DecodeEngine(model, method, device, spec.cluster.decode_kv_budget_gb * 1e9, writer, start,
-                          tokens_path=run_dir / "tokens.jsonl" if jct.save_tokens else None,
-                          steps_path=run_dir / "steps.csv")
+    engine.t0 = start
     try:
         serve_decode(engine, receiver, len(trace), spec.trace.warmup, idle_timeout=2 * jct.stall_timeout_s)
     finally:
         writer.close()
         engine.steps_file.close()
     receiver.thread.join(jct.stall_timeout_s)  # the end marker follows the last payload
-    summarize_run(spec)  # summary.json as each run ends: a later run's failure or a killed sweep keeps it
+    summarize_run(spec, engine.name)  # summary.json as each run ends: a later failure or a killed sweep keeps it
     (run_dir / "done").touch()
     print(f"[bench jct] {run_dir.name}: {engine.done} requests served by {engine.now():.1f} s", flush=True)
+
+
+def decode_engine(spec: ServeSpec, trace, model, method, device, writer):
+    """The decode instance's engine for this run (jct.engine; see JctConfig)."""
+    from hack_cli.serve.decode import DecodeEngine
+    from hack_cli.serve.graph import GraphDecodeEngine, graph_applies
+
+    jct, run_dir = spec.jct, Path(spec.run_dir)
+    files = dict(tokens_path=run_dir / "tokens.jsonl" if jct.save_tokens else None, steps_path=run_dir / "steps.csv")
+    budget = spec.cluster.decode_kv_budget_gb * 1e9
+    use_graph = jct.engine == "graph" or (jct.engine == "auto" and device.type == "cuda"
+                                          and graph_applies(model, method))
+    if not use_graph:
+        return DecodeEngine(model, method, device, budget, writer, 0.0, **files)
+    capacity = max(r.prompt_len + r.output_len for r in trace)
+    return GraphDecodeEngine(model, method, device, budget, writer, 0.0, capacity, jct.max_slots, **files)
 
 
 def random_kvquant_calibration(rank: int, idx: int, spec: ServeSpec, model):

@@ -69,32 +69,42 @@ def _copy(stores: list, install: Callable) -> list:
 
 
 @torch.no_grad()
-def decode_engine(model, method, device: torch.device, C: int, B: int, payload_method=None):
-    """A DecodeEngine with B active requests of C tokens of context each: one real prompt of C tokens prefilled (by
-    `payload_method`, default `method`), exported and installed as the decode side does, then copied B times."""
+def decode_engine(model, method, device: torch.device, C: int, B: int, payload_method=None, engine: str = "eager",
+                  headroom: int = 1024):
+    """A decode engine (`eager`: DecodeEngine, `graph`: GraphDecodeEngine with B slots of C + `headroom` tokens) with
+    B active requests of C tokens of context each: one real prompt of C tokens prefilled (by `payload_method`,
+    default `method`), exported and installed as the decode side does, B times."""
     from hack_cli.serve.decode import Active, DecodeEngine, NullWriter
+    from hack_cli.serve.graph import GraphDecodeEngine
     from hack_cli.serve.link import pack_payload
     from hack_cli.serve.metrics import RequestRecord
     from hack_cli.serve.prefill import export_payload, prefill_payload, prompt_ids
 
-    engine = DecodeEngine(model, method, device, float("inf"), NullWriter(), time.monotonic())
     ids = prompt_ids(0, C, C, model.config.get_text_config().vocab_size, device)
     cache, first = prefill_payload(model, payload_method or method, ids)
     payload, manifest = pack_payload(export_payload(cache))
     del cache
-    install = lambda: engine.install(manifest, payload)  # noqa: E731
-    base = install()
-    copies = [base] + [_copy(base, install) for _ in range(B - 1)]
-    engine.active = [Active(record=RequestRecord(-1, C, 10 ** 9, True, 0.0), stores=stores, token=first, pos=C,
-                            left=10 ** 9, tokens=[]) for stores in copies]
-    return engine
+    record = lambda: RequestRecord(-1, C, headroom, True, 0.0)  # noqa: E731
+    if engine == "graph":
+        eng = GraphDecodeEngine(model, method, device, float("inf"), NullWriter(), time.monotonic(),
+                                capacity=C + headroom, max_slots=B)
+        held = [eng.install(manifest, payload, record()) for _ in range(B)]
+    else:
+        eng = DecodeEngine(model, method, device, float("inf"), NullWriter(), time.monotonic())
+        install = lambda: eng.install(manifest, payload)  # noqa: E731
+        base = install()
+        held = [base] + [_copy(base, install) for _ in range(B - 1)]
+    eng.active = [Active(record=record(), stores=stores, token=first, pos=C, left=10 ** 9, tokens=[])
+                  for stores in held]
+    return eng
 
 
 @torch.no_grad()
 def measure_decode(model, method, device: torch.device, C: int, batches: list[int], steps: int,
-                   payload_method=None) -> list[dict]:
+                   payload_method=None, engine: str = "eager") -> list[dict]:
     """Decode iteration time of batches of B requests with C tokens of context each (`decode_engine`)."""
-    engine = decode_engine(model, method, device, C, max(batches), payload_method)
+    engine = decode_engine(model, method, device, C, max(batches), payload_method, engine,
+                           headroom=len(batches) * (steps + 1) + 1)
     requests = engine.active
     rows = []
     for B in sorted(batches):

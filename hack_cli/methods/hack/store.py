@@ -153,13 +153,18 @@ class HackLayerKV(LayerKV):
             pos += n
             self.fill[b] += n
             if int(self.fill[b]) == P:
-                if self.cfg.requant_elimination:
-                    for x in "kv":
-                        if self.open16[x]:
-                            self._quantize_into(b, x, nc * P, self.open[x][b].float())
-                            self.open[x][b] = 0  # empty slots hold zeros
-                self.n_closed[b] += 1
-                self.fill[b] = 0
+                self.close_block(b)
+
+    def close_block(self, b: int) -> None:
+        """Sequence b's last block has Π tokens: quantize what the open block kept in 16 bits, start a new block."""
+        nc = int(self.n_closed[b])
+        if self.cfg.requant_elimination:
+            for x in "kv":
+                if self.open16[x]:
+                    self._quantize_into(b, x, nc * self.part, self.open[x][b].float())
+                    self.open[x][b] = 0  # empty slots hold zeros
+        self.n_closed[b] += 1
+        self.fill[b] = 0
 
     def _append_open(self, b: int, nc: int, fill: int, chunk: dict) -> None:
         """Requantization elimination: the open block keeps 16-bit values until Π tokens have arrived."""
@@ -268,7 +273,7 @@ class HackLayerKV(LayerKV):
         return out.reshape(B, H, G, Tq, D).reshape(B, Hq, Tq, D).to(q.dtype)
 
     # ------------------------------------------------------------------------------------------ bytes
-    def _seq_bytes(self, b: int, send: bool = False) -> Bytes:
+    def seq_bytes(self, b: int, send: bool = False) -> Bytes:
         """Exact bytes held for sequence b (or sent, with `send`: sums only if cfg.send_sums)."""
         H, D, P, G = self.kv_heads, self.head_dim, self.part, self.groups
         req, nc, fill = self.cfg.requant_elimination, int(self.n_closed[b]), int(self.fill[b])
@@ -292,14 +297,14 @@ class HackLayerKV(LayerKV):
         return out
 
     def stored_bytes(self) -> Bytes:
-        return sum((self._seq_bytes(b) for b in range(self.batch)), Bytes())
+        return sum((self.seq_bytes(b) for b in range(self.batch)), Bytes())
 
     def transfer_bytes(self) -> Bytes:
-        return sum((self._seq_bytes(b, send=True) for b in range(self.batch)), Bytes())
+        return sum((self.seq_bytes(b, send=True) for b in range(self.batch)), Bytes())
 
     # ------------------------------------------------------------------------------------------ transfer
     def _extent(self, x: str, nc: int, fill: int) -> tuple[int, int]:
-        """(quantized token slots, blocks with quantized per-channel params) of tensor x, as `_seq_bytes` counts."""
+        """(quantized token slots, blocks with quantized per-channel params) of tensor x, as `seq_bytes` counts."""
         req = self.cfg.requant_elimination
         q_tokens = nc * self.part + (fill if (not req or not self.open16[x]) else 0)
         return q_tokens, nc + (1 if fill and not req else 0)

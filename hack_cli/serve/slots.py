@@ -1,0 +1,248 @@
+"""Decode slots: every layer's KV for all requests of the decode instance, in one store per layer, attended by one
+kernel call per layer — the storage of the graph decode engine (`hack_cli/serve/graph.py`).
+
+A slot is one request's place in the decode batch: sequence b of each layer's `LayerKV`, built with batch = slots and
+every tensor allocated at full capacity up front, so nothing moves during a run and a captured CUDA graph stays
+valid. The method's own code installs a payload (`import_seq`) and closes HACK's blocks (`close_block`); the host
+keeps each slot's counters and writes them, with the step's token ids and positions, into one device tensor before
+each step. The step itself (`append`, `attend`) only reads that tensor: no host synchronization, no shape that
+depends on a request, so it can be captured once per batch bucket and replayed.
+
+Slots of a bucket that hold no request take part with zero counters: their attention covers nothing (output 0) and
+their one written K/V row lands in a free slot, overwritten when a request is installed there.
+
+Methods: fp16 (`FP16Slots`: ragged split-KV attention over 16-bit K/V, `hack_kernels.fp16_decode`) and HACK in the
+channel layout with both eliminations (`HackSlots`: the homomorphic decode kernel over the quantized blocks, the
+16-bit open block and sinks).
+"""
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from hack_cli.errors import HackError
+
+IDS, POS = 0, 1  # rows of the step state: token ids and positions, then the method's counters
+
+
+class Slots:
+    """`slots` request places of `capacity` tokens each, for every layer of a model.
+
+    The host counters of each slot live here as Python ints (`self.count[name][b]`): a step changes them for every
+    active slot, and writing them into every layer's own counter tensors each step would cost more host time than
+    the step. The layers' counters are brought up to date only where the method's code reads them (`_sync`)."""
+
+    counters: tuple[str, ...] = ()  # the method's counters (host ints per slot and rows of the step state)
+
+    def __init__(self, method, num_layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int, device,
+                 dtype: torch.dtype):
+        self.check(method, kv_heads, head_dim)
+        self.method, self.slots, self.capacity, self.device = method, slots, capacity, torch.device(device)
+        self.layers = [method.new_layer(i, num_layers, slots, kv_heads, head_dim, self.device, dtype)
+                       for i in range(num_layers)]
+        for layer in self.layers:
+            self._allocate(layer)
+        self.count = {name: [0] * slots for name in self.counters}
+        self.free = list(range(slots))  # a heap: the lowest free slot is taken first, so buckets stay small
+        rows = 2 + len(self.step_rows)
+        self.state = torch.zeros(rows, slots, dtype=torch.int32, device=self.device)  # read by the captured step
+        self.host = torch.zeros(rows, slots, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self.host_np = self.host.numpy()
+
+    # -- what each method defines
+    @staticmethod
+    def check(method, kv_heads: int, head_dim: int) -> None:
+        """Raise HackError if these slots cannot hold `method`'s KV."""
+
+    step_rows: tuple[str, ...] = ()  # the step state's counter rows (after ids and positions)
+
+    def _allocate(self, layer) -> None:
+        """Grow the layer's tensors to `capacity` tokens for every slot."""
+        raise NotImplementedError
+
+    def _step_counters(self, b: int) -> tuple[int, ...]:
+        """Slot b's values of `step_rows` for the next step, its new token included."""
+        raise NotImplementedError
+
+    def tensors(self, layer) -> list[torch.Tensor]:
+        """The device tensors a layer's store holds for all its slots."""
+        raise NotImplementedError
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (c, H, 1, D) the new token of slots 0..c-1, written where the step state says."""
+        raise NotImplementedError
+
+    def attend(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """q: (c, Hq, 1, D) -> (c, Hq, 1, D) over everything slots 0..c-1 hold, the new token included."""
+        raise NotImplementedError
+
+    def advance(self, b: int) -> None:
+        """Slot b's request stored one more token (after a step)."""
+        raise NotImplementedError
+
+    # -- shared
+    def _sync(self, b: int) -> None:
+        """Every layer's own counters of slot b from the host ints."""
+        for layer in self.layers:
+            for name in self.counters:
+                getattr(layer, name)[b] = self.count[name][b]
+
+    def take(self) -> int:
+        if not self.free:
+            raise HackError("no free decode slot")  # the engine admits only when one is free
+        return heapq.heappop(self.free)
+
+    def install(self, b: int, state: list[dict], tokens: int) -> None:
+        """One request's payload (one dict per layer, `export_seq`'s) into slot b."""
+        if tokens > self.capacity:
+            raise HackError(f"a request of {tokens} tokens does not fit decode slots of {self.capacity}")
+        for layer, st in zip(self.layers, state):
+            layer.import_seq(b, st)
+        for name in self.counters:
+            self.count[name][b] = int(getattr(self.layers[0], name)[b])
+
+    def release(self, b: int) -> None:
+        """Slot b is free again; its counters return to zero (its tensors are overwritten by the next install)."""
+        for name in self.counters:
+            self.count[name][b] = 0
+        self._sync(b)
+        heapq.heappush(self.free, b)
+
+    def stored_bytes(self, b: int) -> int:
+        self._sync(b)
+        return sum(layer.seq_bytes(b).total for layer in self.layers)
+
+    def prepare(self, tokens: dict[int, tuple[int, int]]) -> None:
+        """The step state for slots {b: (token id, position)} active in the next step; one host-to-device copy."""
+        h = self.host_np
+        h[:] = 0
+        for b, (token, pos) in tokens.items():
+            h[IDS, b], h[POS, b] = token, pos
+            h[2:, b] = self._step_counters(b)
+        self.state.copy_(self.host, non_blocking=True)
+
+    def row(self, name: str, c: int) -> torch.Tensor:
+        """Device counter `name` of slots 0..c-1 (a view of the step state)."""
+        return self.state[2 + self.step_rows.index(name), :c]
+
+
+class FP16Slots(Slots):
+    """16-bit K/V (slots, H, capacity, D) per layer (`FP16LayerKV`)."""
+
+    counters = ("lengths",)
+    step_rows = ("write", "length")  # where the new token goes; keys attended (new token included; 0 = idle)
+
+    def _allocate(self, layer) -> None:
+        from hack_cli.methods.dequant import grow
+
+        for x in "kv":
+            layer.kv[x] = grow(layer.kv[x], self.capacity)
+
+    def _step_counters(self, b) -> tuple[int, ...]:
+        n = self.count["lengths"][b]
+        return n, n + 1
+
+    def tensors(self, layer) -> list[torch.Tensor]:
+        return list(layer.kv.values())
+
+    def append(self, layer, k, v) -> None:
+        c = k.shape[0]
+        at = self.row("write", c).long()  # (c,)
+        slot = torch.arange(c, device=k.device)
+        store = self.layers[layer]
+        for x, new in (("k", k), ("v", v)):
+            store.kv[x][slot, :, at] = new[:, :, 0].to(store.store_dtype)  # (c, H, D)
+
+    def attend(self, layer, q, scaling) -> torch.Tensor:
+        from hack_kernels.fp16_decode import fp16_decode
+
+        c = q.shape[0]
+        store = self.layers[layer]
+        out = fp16_decode(store.kv["k"][:c], store.kv["v"][:c], self.row("length", c), q[:, :, 0], scaling)
+        return out[:, :, None]  # (c, Hq, 1, D)
+
+    def advance(self, b) -> None:
+        self.count["lengths"][b] += 1
+
+
+class HackSlots(Slots):
+    """HACK's blocks (`HackLayerKV`, channel layout, both eliminations): codes, min/scale and sums of closed blocks,
+    the 16-bit open block and sinks. A block closes (is quantized by the method's one-pass kernel) between steps,
+    as soon as its Π-th token is stored."""
+
+    counters = ("lengths", "n_closed", "fill", "sink_fill")
+    step_rows = ("write", "n_closed", "fill", "sink_fill")
+
+    @staticmethod
+    def check(method, kv_heads: int, head_dim: int) -> None:
+        from hack_kernels.dispatch import covered
+
+        cfg = method.config
+        if cfg.layout != "channel" or not (cfg.requant_elimination and cfg.summation_elimination):
+            raise HackError("the graph decode engine runs HACK in the channel layout with both eliminations "
+                            "(quant.layout=channel); use jct.engine=eager for the others")
+        if not covered(method.new_layer(0, 1, 1, kv_heads, head_dim, "cpu", torch.float16)):
+            raise HackError("the HACK decode kernel does not cover this configuration (2/4-bit codes, Π >= 32, "
+                            "powers of two); use jct.engine=eager")
+
+    def _allocate(self, layer) -> None:
+        layer._grow((self.capacity - layer.cfg.sink_tokens) // layer.part + 1)
+
+    def _step_counters(self, b) -> tuple[int, ...]:
+        fill = self.count["fill"][b]
+        return fill, self.count["n_closed"][b], fill + 1, self.count["sink_fill"][b]
+
+    def tensors(self, layer) -> list[torch.Tensor]:
+        return [*layer.blocks.values(), *layer.open.values(), *layer.sinks.values()]
+
+    def install(self, b, state, tokens) -> None:
+        sinks = self.layers[0].cfg.sink_tokens
+        if tokens <= sinks:
+            raise HackError(f"a prompt of {tokens} tokens does not fill the {sinks} sink tokens")
+        super().install(b, state, tokens)
+
+    def append(self, layer, k, v) -> None:
+        c = k.shape[0]
+        at = self.row("write", c).long()  # (c,)
+        slot = torch.arange(c, device=k.device)
+        store = self.layers[layer]
+        for x, new in (("k", k), ("v", v)):
+            store.open[x][slot, :, at] = new[:, :, 0].to(store.tail_dtype)  # (c, H, D)
+
+    def attend(self, layer, q, scaling) -> torch.Tensor:
+        from hack_kernels.decode import HackKV, hack_decode
+
+        c = q.shape[0]
+        s = self.layers[layer]
+        t = {name: blocks[:c] for name, blocks in s.blocks.items()}
+        kv = HackKV(s.cfg.layout, s.bits, t["k_codes"], t["k_mn"], t["k_scale"], t["k_sum"], t["v_codes"],
+                    t["v_mn"], t["v_scale"], t["v_sum"], s.sinks["k"][:c], s.sinks["v"][:c], s.open["k"][:c],
+                    s.open["v"][:c], self.row("n_closed", c), self.row("fill", c), self.row("sink_fill", c))
+        out = hack_decode(kv, q[:, :, 0], scaling, max_blocks=s.blocks["k_codes"].shape[2])  # (c, Hq, D)
+        return out[:, :, None]
+
+    def advance(self, b) -> None:
+        n = self.count
+        n["lengths"][b] += 1
+        n["fill"][b] += 1
+        if n["fill"][b] == self.layers[0].part:  # the open block is full: quantize it in every layer
+            self._sync(b)
+            for layer in self.layers:
+                layer.close_block(b)
+            n["n_closed"][b] += 1
+            n["fill"][b] = 0
+
+
+KINDS = {"fp16": FP16Slots, "hack": HackSlots}
+
+
+def slots_class(method) -> type[Slots]:
+    if method.name not in KINDS:
+        raise HackError(f"the graph decode engine supports quant={'/'.join(KINDS)}, not {method.name!r}; "
+                        "use jct.engine=eager")
+    return KINDS[method.name]
+
+
+def make_slots(method, *args, **kwargs) -> Slots:
+    return slots_class(method)(method, *args, **kwargs)
