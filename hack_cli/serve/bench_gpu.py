@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--run", action="append", required=True, help="METHOD:RATE:BANDWIDTH_GBPS:NUM_REQUESTS")
     p.add_argument("--stall-timeout-s", type=float, default=120.0)
-    p.add_argument("--chunk-mb", type=float, default=1.0)
+    p.add_argument("--chunk-mb", type=float, default=32.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench_jct_gpu")
     args = p.parse_args(argv)
