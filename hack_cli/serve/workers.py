@@ -82,8 +82,10 @@ def build_model(mc, device):
     return prepare_model(model)
 
 
-def warm_up(model, method, device, wire, tokens: int = 64) -> None:
-    """One untimed prefill, export, install and decode step: kernels compiled and caches allocated."""
+def warm_up(model, method, device, wire, tokens: int = 64, steps: int = 132) -> None:
+    """An untimed prefill, export, install and `steps` decode steps: kernels compiled and caches allocated. The
+    steps close a block of every partition size up to 128 (HACK quantizes one block between steps: a Triton
+    kernel of its own that otherwise compiled inside the first timed run, stalling it ~4.5 s; results/jct §2d)."""
     from hack_cli.serve.decode import Active, DecodeEngine, NullWriter
     from hack_cli.serve.link import pack_payload
     from hack_cli.serve.metrics import RequestRecord
@@ -94,8 +96,9 @@ def warm_up(model, method, device, wire, tokens: int = 64) -> None:
     buf, manifest = pack_payload(export_payload(cache))
     engine = DecodeEngine(model, method, device, float("inf"), NullWriter(), time.monotonic())
     stores = engine.install(manifest, buf.to(wire))
-    engine.active = [Active(RequestRecord(-1, tokens, 2, True, 0.0), stores, first, tokens, 1, [first])]
-    engine.step()
+    engine.active = [Active(RequestRecord(-1, tokens, steps + 1, True, 0.0), stores, first, tokens, steps, [first])]
+    for _ in range(steps):
+        engine.step()
 
 
 def worker(rank: int, specs: list[ServeSpec], master_port: int) -> None:
