@@ -107,9 +107,10 @@ def partition_tradeoff(r: Results) -> Optional[str]:
     jct = pct(paired(r.select(True, bundle="partition"), "hack_p32", "hack_p128", "jct_mean"))
     gain = None
     if not acc.empty:
-        by = acc.groupby(["task", "partition"])["score"].mean().unstack()
+        by = acc.pivot_table(index=["model", "task"], columns="partition", values="score")  # never across models
         if 32 in by and 128 in by:
-            gain = f"{(by[32] - by[128]).max():+.2f} points accuracy"
+            d = (by[32] - by[128]).dropna()
+            gain = f"{d.min():+.2f} to {d.max():+.2f} points accuracy ({len(d)} model-task(s))"
     if jct is None and gain is None:
         return None
     return f"{gain or 'accuracy: missing'}; JCT {jct or 'missing'}"
