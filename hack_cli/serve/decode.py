@@ -160,16 +160,9 @@ class DecodeEngine:
     @torch.no_grad()
     def step(self) -> None:
         """One iteration: every active request produces one token."""
-        from hack_cli.hf import cache_keyword
-
         batch = self.active
         begin = self.now()
-        ids = torch.tensor([[a.token] for a in batch], device=self.device)  # (B, 1)
-        pos = torch.tensor([[a.pos] for a in batch], device=self.device)  # (B, 1)
-        cache = BatchCache([[a.stores[layer] for a in batch] for layer in range(self.layers)])
-        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
-                         **{cache_keyword(self.model): cache})
-        tokens = out.logits[:, -1].argmax(-1).tolist()  # synchronizes
+        tokens = self.forward(batch)
         end = self.now()
         if self.steps_file:
             self.steps_file.write(f"{begin:.6f},{len(batch)},{sum(a.pos for a in batch)},{end - begin:.6f}\n")
@@ -182,6 +175,17 @@ class DecodeEngine:
             else:
                 still.append(a)
         self.active = still
+
+    def forward(self, batch: list[Active]) -> list[int]:
+        """The next token of every request of the batch (greedy); the stores hold the input tokens' K/V after."""
+        from hack_cli.hf import cache_keyword
+
+        ids = torch.tensor([[a.token] for a in batch], device=self.device)  # (B, 1)
+        pos = torch.tensor([[a.pos] for a in batch], device=self.device)  # (B, 1)
+        cache = BatchCache([[a.stores[layer] for a in batch] for layer in range(self.layers)])
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{cache_keyword(self.model): cache})
+        return out.logits[:, -1].argmax(-1).tolist()  # synchronizes
 
     def release(self, a: Active) -> int:
         """The bytes a finished request's KV held; its stores are dropped."""

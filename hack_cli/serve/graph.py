@@ -169,26 +169,12 @@ class GraphDecodeEngine(DecodeEngine):
         self.slots.release(a.stores)
         return held
 
-    def step(self) -> None:
-        batch = self.active
-        begin = self.now()
+    def forward(self, batch: list[Active]) -> list[int]:
         self.slots.prepare({a.stores: (a.token, a.pos) for a in batch})
         tokens = self.run_step(max(a.stores for a in batch) + 1)
         for a in batch:
             self.slots.advance(a.stores)
-        end = self.now()
-        if self.steps_file:
-            self.steps_file.write(f"{begin:.6f},{len(batch)},{sum(a.pos for a in batch)},{end - begin:.6f}\n")
-        still = []
-        for a in batch:
-            tok = tokens[a.stores]
-            a.token, a.pos, a.left = tok, a.pos + 1, a.left - 1
-            a.tokens.append(tok)
-            if a.left == 0:
-                self.finish(a, end)
-            else:
-                still.append(a)
-        self.active = still
+        return [tokens[a.stores] for a in batch]
 
 
 def slot_bytes(method, layers: int, capacity: int, kv_heads: int, head_dim: int, device, dtype) -> int:

@@ -69,8 +69,8 @@ class Slots:
         """The device tensors a layer's store holds for all its slots."""
         raise NotImplementedError
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (c, H, 1, D) the new token of slots 0..c-1, written where the step state says."""
+    def _home(self, store) -> dict[str, torch.Tensor]:
+        """Where a store keeps a new token's 16-bit K and V: {"k": (slots, H, N, D), "v": ...}."""
         raise NotImplementedError
 
     def attend(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -82,6 +82,15 @@ class Slots:
         raise NotImplementedError
 
     # -- shared
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (c, H, 1, D) the new token of slots 0..c-1, written where the step state's `write` row says."""
+        c = k.shape[0]
+        at = self.row("write", c).long()  # (c,)
+        slot = torch.arange(c, device=k.device)
+        for x, new in (("k", k), ("v", v)):
+            home = self._home(self.layers[layer])[x]
+            home[slot, :, at] = new[:, :, 0].to(home.dtype)  # (c, H, D)
+
     def _sync(self, b: int) -> None:
         """Every layer's own counters of slot b from the host ints."""
         for layer in self.layers:
@@ -146,13 +155,8 @@ class FP16Slots(Slots):
     def tensors(self, layer) -> list[torch.Tensor]:
         return list(layer.kv.values())
 
-    def append(self, layer, k, v) -> None:
-        c = k.shape[0]
-        at = self.row("write", c).long()  # (c,)
-        slot = torch.arange(c, device=k.device)
-        store = self.layers[layer]
-        for x, new in (("k", k), ("v", v)):
-            store.kv[x][slot, :, at] = new[:, :, 0].to(store.store_dtype)  # (c, H, D)
+    def _home(self, store) -> dict[str, torch.Tensor]:
+        return store.kv
 
     def attend(self, layer, q, scaling) -> torch.Tensor:
         from hack_kernels.fp16_decode import fp16_decode
@@ -202,13 +206,8 @@ class HackSlots(Slots):
             raise HackError(f"a prompt of {tokens} tokens does not fill the {sinks} sink tokens")
         super().install(b, state, tokens)
 
-    def append(self, layer, k, v) -> None:
-        c = k.shape[0]
-        at = self.row("write", c).long()  # (c,)
-        slot = torch.arange(c, device=k.device)
-        store = self.layers[layer]
-        for x, new in (("k", k), ("v", v)):
-            store.open[x][slot, :, at] = new[:, :, 0].to(store.tail_dtype)  # (c, H, D)
+    def _home(self, store) -> dict[str, torch.Tensor]:
+        return store.open  # the 16-bit open block
 
     def attend(self, layer, q, scaling) -> torch.Tensor:
         from hack_kernels.decode import HackKV, hack_decode

@@ -3,16 +3,8 @@
 # Run from the repository root on a machine with 2 GPUs; writes runs/jct_gpu/ and prints one line per run.
 # Needs omegaconf (the device machines lack it): wheels in .whl/ are installed to /tmp/site first.
 set -o pipefail
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-# the repo is not pip-installed there: expose conf/ and kernels/ under their install names
-mkdir -p /tmp/pkgs && ln -sfn $PWD/conf /tmp/pkgs/hack_conf && ln -sfn $PWD/kernels /tmp/pkgs/hack_kernels
-export PYTHONPATH=/tmp/pkgs:$PWD:${PYTHONPATH}
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source results/jct/gpu_env.sh
 OUT_DIR=${OUT_DIR:-runs/jct_gpu}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # 1. smoke: tiny model over NCCL, every code path, seconds
 python3 -m hack_cli.serve.bench_gpu --model tiny --trace small --cluster gpu2 --out $OUT_DIR/smoke \
   --run fp16:4:10:3 --run hack:4:10:3 || exit 1

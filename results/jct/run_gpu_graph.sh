@@ -5,15 +5,8 @@
 # PART=bandwidth: 8 requests (1 warm-up) at 0.3 req/s over 25, 50 and 100 Gbps, and 6 over 1 Gbps.
 # Needs omegaconf (the device machines lack it): wheels in .whl/ are installed to /tmp/site first.
 set -o pipefail
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-mkdir -p /tmp/pkgs && ln -sfn $PWD/conf /tmp/pkgs/hack_conf && ln -sfn $PWD/kernels /tmp/pkgs/hack_kernels
-export PYTHONPATH=/tmp/pkgs:$PWD:${PYTHONPATH}
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source results/jct/gpu_env.sh
 OUT_DIR=${OUT_DIR:-runs/jct_gpu_graph}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 COMMON="--model llama31_8b --weights random --dtype bfloat16 --cluster gpu2 --trace long"
 case ${PART:-rates} in
   rates)
