@@ -61,7 +61,7 @@ def test_bytes_by_hand_and_wire():
     r = store(batch=2)
     for b in range(2):
         wire = s.export_seq(b)
-        assert sum(t.numel() * t.element_size() for t in wire.values()) == s._seq_bytes(b).total
+        assert sum(t.numel() * t.element_size() for t in wire.values()) == s.seq_bytes(b).total
         r.import_seq(b, wire)
     for x in (s, r):  # a decode step on both sides
         x.append(k[:, :, -1:], v[:, :, -1:])

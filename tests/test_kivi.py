@@ -126,7 +126,7 @@ def test_export_import_round_trip():
     r = store(batch=2)
     for b in range(2):
         wire = s.export_seq(b)
-        assert sum(t.numel() * t.element_size() for t in wire.values()) == s._seq_bytes(b).total
+        assert sum(t.numel() * t.element_size() for t in wire.values()) == s.seq_bytes(b).total
         r.import_seq(b, wire)
     assert r.stored_bytes() == s.stored_bytes()
     for x in (s, r):  # a decode step on both sides

@@ -151,7 +151,7 @@ def test_bytes_by_hand_and_wire(calib):
         nnz = int(s.sparse[b]["k_count"].sum())
         want = {"codes": 2 * 2 * (n - 1) * 32 * 2 // 8, "meta": 2 * 2 * (n - 1) * 2,
                 "fp16": 2 * 2 * 32 * 2 + (nnz + (n - 1)) * 2, "index": 2 * ((n - 1) + nnz + (n - 1))}
-        got = s._seq_bytes(b)
+        got = s.seq_bytes(b)
         assert {key: getattr(got, key) for key in want} == want and got.sums == 0
         wire = s.export_seq(b)
         assert sum(t.numel() * t.element_size() for t in wire.values()) == got.total
