@@ -214,6 +214,7 @@ class CacheGenLayerKV(LayerKV):
         if int(self.lengths[b]):
             raise HackError("cachegen: import_seq installs a transferred sequence into an empty slot")
         G, H, D = self.group, self.kv_heads, self.head_dim
+        state = {name: t.cpu() for name, t in state.items()}  # the entropy decoder reads host bytes
         n_total = int(state["tokens"][0])
         self.n_prompt[b] = n_total
         for name, size in (("a_sym", -(-n_total // G)), ("d_sym", n_total), ("a_scale", -(-n_total // self.chunk)),
@@ -244,6 +245,13 @@ class CacheGenLayerKV(LayerKV):
                 self.tail[x][b, :, :nt] = state[f"tail_{x}"].to(self.device)
         self.n_tail[b] = nt
         self.lengths[b] = n_total + nt
+
+    def decoded_seq(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V (H, n, D) of sequence b in 16 bits as the receiver reconstructs them: the prompt dequantized, then
+        the 16-bit tail (what `attend` reads, for a decode side that keeps ordinary 16-bit KV)."""
+        n, nt = int(self.n_prompt[b]), int(self.n_tail[b])
+        return tuple(torch.cat([self.dequantize(x, n)[b].to(self.tail_dtype), self.tail[x][b, :, :nt]], 1)
+                     for x in "kv")
 
     # ------------------------------------------------------------------------------------------ bytes
     def _seq_stored(self, b: int) -> Bytes:

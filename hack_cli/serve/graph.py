@@ -155,6 +155,13 @@ class GraphDecodeEngine(DecodeEngine):
         graphs = self.device.type == "cuda" if graphs is None else graphs
         self.run_step = DecodeStep(model, self.slots, graphs)
 
+    def receive(self, msg) -> None:
+        super().receive(msg)
+        if self.slots.holds_16bit:  # what the slots hold is 16-bit K/V, whatever crossed the link
+            rec = self.waiting[-1][0]
+            per_token = 2 * self.layers * self.kv_heads * self.head_dim * 2  # (K, V) x layers x heads x dim x 2 B
+            rec.kv_reserved_bytes = per_token * (rec.prompt_len + rec.output_len)
+
     def room(self, rec: RequestRecord) -> bool:
         return bool(self.slots.free) and super().room(rec)
 

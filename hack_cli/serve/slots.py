@@ -11,7 +11,8 @@ depends on a request, so it can be captured once per batch bucket and replayed.
 Slots of a bucket that hold no request take part with zero counters: their attention covers nothing (output 0) and
 their one written K/V row lands in a free slot, overwritten when a request is installed there.
 
-Methods: fp16 (`FP16Slots`: ragged split-KV attention over 16-bit K/V, `hack_kernels.fp16_decode`) and HACK in the
+Methods: fp16 (`FP16Slots`: ragged split-KV attention over 16-bit K/V, `hack_kernels.fp16_decode`), CacheGen
+(`DecodedSlots`: decoded to 16-bit K/V at install, as its receiver does, then attended like fp16) and HACK in the
 channel layout with both eliminations (`HackSlots`: the homomorphic decode kernel over the quantized blocks, the
 16-bit open block and sinks).
 """
@@ -34,10 +35,10 @@ class Slots:
     the step. The layers' counters are brought up to date only where the method's code reads them (`_sync`)."""
 
     counters: tuple[str, ...] = ()  # the method's counters (host ints per slot and rows of the step state)
+    holds_16bit = False  # True: the slots hold decoded 16-bit K/V, so a request reserves fp16's bytes
 
     def __init__(self, method, num_layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int, device,
                  dtype: torch.dtype):
-        self.check(method, kv_heads, head_dim)
         self.method, self.slots, self.capacity, self.device = method, slots, capacity, torch.device(device)
         self.layers = [method.new_layer(i, num_layers, slots, kv_heads, head_dim, self.device, dtype)
                        for i in range(num_layers)]
@@ -170,6 +171,36 @@ class FP16Slots(Slots):
         self.count["lengths"][b] += 1
 
 
+class DecodedSlots(FP16Slots):
+    """Methods whose decode side turns the payload into ordinary 16-bit K/V at install and attends it like fp16:
+    CacheGen (its receiver entropy-decodes and dequantizes, HACK.md §7). The slots hold 16 bits, so a request's
+    reservation and stored bytes are fp16's (`GraphDecodeEngine`), and install time includes the decoding."""
+
+    def __init__(self, method, num_layers: int, *args, **kwargs):
+        from hack_cli.methods.fp16 import Config, Method
+
+        super().__init__(Method(Config()), num_layers, *args, **kwargs)
+        self.source = method  # the method whose payloads arrive
+
+    holds_16bit = True
+
+    @staticmethod
+    def check(method, kv_heads: int, head_dim: int) -> None:
+        if method.name != "cachegen":
+            raise HackError(f"decoded slots take CacheGen payloads, not {method.name!r}")
+
+    def install(self, b: int, state: list[dict], tokens: int) -> None:
+        if tokens > self.capacity:
+            raise HackError(f"a request of {tokens} tokens does not fit decode slots of {self.capacity}")
+        layers = len(self.layers)
+        for i, (layer, st) in enumerate(zip(self.layers, state)):
+            src = self.source.new_layer(i, layers, 1, layer.kv_heads, layer.head_dim, self.device, layer.dtype)
+            src.import_seq(0, st)
+            k, v = src.decoded_seq(0)  # (H, n, D)
+            layer.import_seq(b, {"k": k, "v": v})
+        self.count["lengths"][b] = int(self.layers[0].lengths[b])
+
+
 class HackSlots(Slots):
     """HACK's blocks (`HackLayerKV`, channel layout, both eliminations): codes, min/scale and sums of closed blocks,
     the 16-bit open block and sinks. A block closes (is quantized by the method's one-pass kernel) between steps,
@@ -233,7 +264,7 @@ class HackSlots(Slots):
             n["fill"][b] = 0
 
 
-KINDS = {"fp16": FP16Slots, "hack": HackSlots}
+KINDS = {"fp16": FP16Slots, "hack": HackSlots, "cachegen": DecodedSlots}
 
 
 def slots_class(method) -> type[Slots]:
@@ -243,5 +274,8 @@ def slots_class(method) -> type[Slots]:
     return KINDS[method.name]
 
 
-def make_slots(method, *args, **kwargs) -> Slots:
-    return slots_class(method)(method, *args, **kwargs)
+def make_slots(method, num_layers: int, slots: int, capacity: int, kv_heads: int, head_dim: int, device,
+               dtype: torch.dtype) -> Slots:
+    cls = slots_class(method)
+    cls.check(method, kv_heads, head_dim)
+    return cls(method, num_layers, slots, capacity, kv_heads, head_dim, device, dtype)
