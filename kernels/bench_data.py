@@ -63,7 +63,7 @@ def hack_store(k: torch.Tensor, v: torch.Tensor, layout: str, bits: int, partiti
     fill = N - sinks - nc * P
     body = lambda x: x[:, :, sinks:sinks + nc * P].reshape(B * H * nc, P, D)  # (B·H·nc, Π, D) whole blocks
     kq = quantize_blocks(body(k), bits, c, per_channel=layout == "channel", token_sums=True)
-    vq = quantize_blocks(body(v), bits, c, per_channel=layout == "token", token_sums=False)
+    vq = quantize_blocks(body(v), bits, c, per_channel=layout == "token", token_sums=False, along_tokens=True)
     shape = lambda t: t.view(B, H, nc, *t.shape[1:])
     open_block = lambda x: torch.nn.functional.pad(x[:, :, sinks + nc * P:], (0, 0, 0, P - fill)).contiguous()
     i32 = lambda n: torch.full((B,), n, dtype=torch.int32, device=k.device)

@@ -1,8 +1,9 @@
 """Helpers shared by the Triton kernels: code unpacking in registers and on-the-fly 8-bit quantization.
 
-Codes are packed along the head dim D, 8/b per byte, element j of a byte at bits [j·b, (j+1)·b) (the layout of
-hack_cli.methods.hack.quantizer.pack). On the GPU one `and`/`shr` on a 32-bit register unpacks four codes at once
-(inline PTX, `pack=4`); the interpreter, which has no PTX, does the same per byte.
+Codes are packed 8/b per byte along the axis a product contracts (K: the head dim; V: a block's tokens), element j
+of a byte at bits [j·b, (j+1)·b) (the layout of hack_cli.methods.hack.quantizer.pack). On the GPU one `and`/`shr`
+on a 32-bit register unpacks four codes at once (inline PTX, `pack=4`); the interpreter, which has no PTX, does the
+same per byte.
 
 Dot operand kinds (OPER): 0 = int8: Q̃/P̃ quantized to 8 bits with an offset, exact int32 accumulation (the
 reference's scheme). 1 = fp8 e4m3: codes 0..15 are exact in e4m3 (as masked bytes they are e4m3 subnormals or the
@@ -81,7 +82,7 @@ def _piece(packed, SHIFT: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, AS
 
 @triton.jit
 def unpack_codes(packed, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
-    """packed (N, DB) uint8 -> (N, DB·8/BITS) codes as DT, in channel order d = byte·8/BITS + j."""
+    """packed (N, DB) uint8 -> (N, DB·8/BITS) codes as DT, element byte·8/BITS + j from code j of each byte."""
     N: tl.constexpr = packed.shape[0]
     DB: tl.constexpr = packed.shape[1]
     if BITS == 2:

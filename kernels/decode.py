@@ -81,22 +81,30 @@ def _scores_channel(q, bb, KC, KMN, KSC, KSUM, RP: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
+def _v_tile(VC, bb, D: tl.constexpr, PI: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Closed block bb's V codes as the (PI, D) DT operand of P̃·V. They are packed along the tokens, the axis the
+    dot contracts, so the widened tile is already in the operand's register layout (packed along D, Triton staged
+    the widened tile through shared memory to transpose it: 1.3-1.8x slower, kernels/NOTES.md)."""
+    TB: tl.constexpr = PI * BITS // 8
+    ee = tl.arange(0, TB)
+    vp = tl.load(VC + (bb * D + tl.arange(0, D)[:, None]) * TB + ee[None, :])  # (D, TB) packed codes
+    return tl.trans(unpack_codes(vp, BITS, DT, ASM))
+
+
+@triton.jit
 def _values_channel(p, bb, VC, VMN, VSC, VSUM, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr,
                     G: tl.constexpr, BITS: tl.constexpr, OPER: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
     """Σ_t p_t V̂_t (RP, D) over closed block bb, V per token in channel groups."""
     C: tl.constexpr = D // G
     Z: tl.constexpr = 1 << (BITS - 1)
-    DB: tl.constexpr = D * BITS // 8
     dd = tl.arange(0, D)
     tt = tl.arange(0, PI)
     gg = tl.arange(0, G)
-    ee = tl.arange(0, DB)
-    vp = tl.load(VC + (bb * PI + tt[:, None]) * DB + ee[None, :])  # (PI, DB)
     vsc = tl.load(VSC + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)  # (G, PI)
     vmn = tl.load(VMN + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)
     p8, psc, pmn = quant8_rows(p[None, :, :] * vsc[:, None, :], OPER, DT)  # P̃: (G, RP, PI), (G, RP) x2
     p8sum = tl.sum(p8, axis=2)[:, :, None]  # (G, RP, 1)
-    v = unpack_codes(vp, BITS, DT, ASM)  # (PI, D)
+    v = _v_tile(VC, bb, D, PI, BITS, DT, ASM)  # (PI, D)
     o = tl.reshape(tl.dot(tl.reshape(p8, (G * RP, PI)).to(DT), v).to(tl.float32), (G, RP, D))
     if OPER == 0:
         vsum = tl.load(VSUM + bb * D + dd).to(tl.float32) - PI * Z  # Σ_t v'': (D,)
@@ -144,15 +152,11 @@ def _values_token(p, bb, VC, VMN, VSC, VSUM, RP: tl.constexpr, D: tl.constexpr, 
                   BITS: tl.constexpr, OPER: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
     """Σ_t p_t V̂_t (RP, D) over closed block bb, V per channel over the block, P quantized per row (RP >= 16)."""
     Z: tl.constexpr = 1 << (BITS - 1)
-    DB: tl.constexpr = D * BITS // 8
     dd = tl.arange(0, D)
-    tt = tl.arange(0, PI)
-    ee = tl.arange(0, DB)
-    vp = tl.load(VC + (bb * PI + tt[:, None]) * DB + ee[None, :])  # (PI, DB)
     vsc = tl.load(VSC + bb * D + dd).to(tl.float32)[None, :]  # (1, D)
     vmn = tl.load(VMN + bb * D + dd).to(tl.float32)[None, :]
     p8, psc, pmn = quant8_rows(tl.reshape(p, (1, RP, PI)), OPER, DT)  # (1, RP, PI), (1, RP) x2
-    v = unpack_codes(vp, BITS, DT, ASM)  # (PI, D)
+    v = _v_tile(VC, bb, D, PI, BITS, DT, ASM)  # (PI, D)
     o = tl.dot(tl.reshape(p8, (RP, PI)).to(DT), v).to(tl.float32)  # (RP, D)
     psc = tl.reshape(psc, (RP, 1))
     psum = tl.reshape(tl.sum(p8, axis=2), (RP, 1))
@@ -286,7 +290,7 @@ def _combine_kernel(PO, PM, PL, OUT, NS1, R: tl.constexpr, RP: tl.constexpr, D: 
 class HackKV:
     """HACK's stored tensors of one layer (hack_cli/methods/hack/store.py's layout), plain tensors on one device.
 
-    codes (B, H, NB, Π, D·b/8) uint8; channel layout: k_mn/k_scale (B, H, NB, D), v_mn/v_scale (B, H, NB, Π, G);
+    k_codes (B, H, NB, Π, D·b/8) and v_codes (B, H, NB, D, Π·b/8) uint8 (V packed along tokens); channel layout: k_mn/k_scale (B, H, NB, D), v_mn/v_scale (B, H, NB, Π, G);
     token layout: k_mn/k_scale (B, H, NB, Π, G), v_mn/v_scale (B, H, NB, D); k_sum (B, H, NB, Π, G);
     v_sum (B, H, NB, D); sinks (B, H, S, D) and open block (B, H, Π, D) 16-bit; counters (B,) int32.
     """

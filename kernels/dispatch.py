@@ -49,9 +49,9 @@ def quantize_into(layer, b: int, x: str, slot0: int, vals: torch.Tensor) -> bool
         seed = int(torch.randint(2**31 - 1, (1,), generator=layer.gen, device=layer.gen.device))
     per_channel = layer.kind[x] == "per_channel"
     res = quantize_blocks(vals.reshape(H * nb, P, D), layer.bits, layer.group, per_channel, x == "k",
-                          layer.cfg.rounding, seed, layer.meta_dtype)
+                          layer.cfg.rounding, seed, layer.meta_dtype, along_tokens=x == "v")
     t, sl = layer.blocks, (b, slice(None), slice(beta0, beta0 + nb))
-    t[f"{x}_codes"][sl] = res["codes"].view(H, nb, P, -1)
+    t[f"{x}_codes"][sl] = res["codes"].view(H, nb, *res["codes"].shape[1:])
     meta = (H, nb, D) if per_channel else (H, nb, P, layer.groups)
     t[f"{x}_mn"][sl] = res["mn"].view(meta)
     t[f"{x}_scale"][sl] = res["scale"].view(meta)

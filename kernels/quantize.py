@@ -2,7 +2,7 @@
 
 One program per block (Π, D): min/max, the stored min rounded down and scale rounded up in the 16-bit meta dtype
 (as hack_cli.methods.hack.quantizer.quantize does), codes by nearest or stochastic (tl.rand, seeded) rounding,
-packed along D 8/b per byte, and the cached code sums — per token per channel group (K's sums) or per channel over
+packed 8/b per byte along D (K) or along the block's tokens (V: the axis P·V contracts), and the cached code sums — per token per channel group (K's sums) or per channel over
 the block (V's sums). Layouts: per_channel (channel-layout K, token-layout V) or per_token in groups of C channels.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _round_toward(x, MDT: tl.constexpr, DOWN: tl.constexpr):
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_kernel(X, CODES, MN, SC, SUMS, seed, PI: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                      BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, TOKEN_SUMS: tl.constexpr, STOCH: tl.constexpr,
-                     MDT: tl.constexpr):
+                     MDT: tl.constexpr, ALONG_TOKENS: tl.constexpr):
     C: tl.constexpr = D // G
     PER: tl.constexpr = 8 // BITS
     DB: tl.constexpr = D // PER
@@ -65,9 +65,15 @@ def _quantize_kernel(X, CODES, MN, SC, SUMS, seed, PI: tl.constexpr, D: tl.const
         t = t + 0.5
     codes = tl.minimum(tl.maximum(tl.floor(t), 0.0), LEVELS).to(tl.int32)  # (PI, D)
     shifts = tl.arange(0, PER) * BITS
-    packed = tl.sum(tl.reshape(codes, (PI, DB, PER)) << shifts[None, None, :], axis=2)  # (PI, DB)
-    ee = tl.arange(0, DB)
-    tl.store(CODES + (blk * PI + tt[:, None]) * DB + ee[None, :], packed.to(tl.uint8))
+    if ALONG_TOKENS:
+        TB: tl.constexpr = PI // PER
+        packed = tl.sum(tl.reshape(tl.trans(codes), (D, TB, PER)) << shifts[None, None, :], axis=2)  # (D, TB)
+        ee = tl.arange(0, TB)
+        tl.store(CODES + (blk * D + dd[:, None]) * TB + ee[None, :], packed.to(tl.uint8))
+    else:
+        packed = tl.sum(tl.reshape(codes, (PI, DB, PER)) << shifts[None, None, :], axis=2)  # (PI, DB)
+        ee = tl.arange(0, DB)
+        tl.store(CODES + (blk * PI + tt[:, None]) * DB + ee[None, :], packed.to(tl.uint8))
     if TOKEN_SUMS:
         sums = tl.sum(tl.reshape(codes, (PI, G, C)), axis=2)  # (PI, G)
         tl.store(SUMS + (blk * PI + tt[:, None]) * G + gg[None, :], sums.to(SUMS.dtype.element_ty))
@@ -82,15 +88,18 @@ def sum_dtype(count: int, bits: int) -> torch.dtype:
 
 def quantize_blocks(x: torch.Tensor, bits: int, group: int, per_channel: bool, token_sums: bool,
                     rounding: str = "nearest", seed: int = 0, meta_dtype: torch.dtype = torch.float16,
-                    out: dict | None = None, num_warps: int | None = None) -> dict[str, torch.Tensor]:
-    """x (NBLK, Π, D) whole blocks -> dict codes (NBLK, Π, D·b/8) uint8, mn/scale ((NBLK, D) per_channel, else
+                    out: dict | None = None, num_warps: int | None = None,
+                    along_tokens: bool = False) -> dict[str, torch.Tensor]:
+    """x (NBLK, Π, D) whole blocks -> dict codes (NBLK, Π, D·b/8) uint8 (along_tokens: (NBLK, D, Π·b/8), packed
+    along each block's tokens), mn/scale ((NBLK, D) per_channel, else
     (NBLK, Π, G)) in meta_dtype, sums ((NBLK, Π, G) with token_sums, else (NBLK, D)). `out` may supply the tensors.
     num_warps: None picks 2 warps for blocks of up to 8192 elements, else 4."""
     nblk, P, D = x.shape
     G = D // group
     if out is None:
         meta = (nblk, D) if per_channel else (nblk, P, G)
-        out = {"codes": torch.empty(nblk, P, D * bits // 8, dtype=torch.uint8, device=x.device),
+        codes = (nblk, D, P * bits // 8) if along_tokens else (nblk, P, D * bits // 8)
+        out = {"codes": torch.empty(codes, dtype=torch.uint8, device=x.device),
                "mn": torch.empty(meta, dtype=meta_dtype, device=x.device),
                "scale": torch.empty(meta, dtype=meta_dtype, device=x.device),
                "sums": torch.empty((nblk, P, G) if token_sums else (nblk, D),
@@ -101,6 +110,6 @@ def quantize_blocks(x: torch.Tensor, bits: int, group: int, per_channel: bool, t
         mdt = tl.bfloat16 if meta_dtype == torch.bfloat16 else tl.float16
         _quantize_kernel[(nblk,)](x.contiguous(), out["codes"], out["mn"], out["scale"], out["sums"], seed,
                                   PI=P, D=D, G=G, BITS=bits, PER_CHANNEL=per_channel, TOKEN_SUMS=token_sums,
-                                  STOCH=rounding == "stochastic", MDT=mdt,
+                                  STOCH=rounding == "stochastic", MDT=mdt, ALONG_TOKENS=along_tokens,
                                   num_warps=1 if interpreting() else num_warps)
     return out

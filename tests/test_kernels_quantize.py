@@ -39,6 +39,11 @@ def test_nearest_bit_exact(device, bits, P, D, meta):
     assert torch.equal(out["codes"], pack(codes, bits))
     assert torch.equal(out["mn"], mn) and torch.equal(out["scale"], scale)
     assert torch.equal(out["sums"].long(), codes.long().sum(1))
+    # the same codes packed along each block's tokens (HACK's stored V): (n, D, P*b/8)
+    along = quantize_blocks(x, bits, c, per_channel=False, token_sums=False, meta_dtype=meta, along_tokens=True)
+    assert along["codes"].shape == (x.shape[0], D, P * bits // 8)
+    assert torch.equal(along["codes"], pack(codes.transpose(-1, -2), bits))
+    assert all(torch.equal(along[name], out[name]) for name in ("mn", "scale", "sums"))
 
 
 @pytest.mark.parametrize("device", DEVICES)

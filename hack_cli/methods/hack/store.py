@@ -10,6 +10,10 @@ Slots after the sink tokens are addressed as (block β, offset i) at position si
 `n_closed[b]` full blocks and `fill[b]` tokens in its last block: with requantization elimination that block is
 the 16-bit open block; without it, it is quantized and re-quantized from its dequantized values on every
 append (the paper's ablation: error accumulates). Empty slots hold zero codes, min and scale.
+
+Codes are packed 8/b to a byte along the axis each product contracts: K's along the head dim (q·k sums over
+channels), V's along each block's tokens (P·V sums over tokens): k_codes (B, H, NB, Π, D·b/8), v_codes
+(B, H, NB, D, Π·b/8). The decode kernel then widens both tiles straight into its dot operands (kernels/NOTES.md).
 """
 from __future__ import annotations
 
@@ -52,7 +56,8 @@ class HackLayerKV(LayerKV):
         B, H, D, P, G = self.batch, self.kv_heads, self.head_dim, self.part, self.groups
         shapes = {}
         for x in "kv":
-            shapes[f"{x}_codes"] = ((B, H, nb, P, D * self.bits // 8), torch.uint8)
+            shapes[f"{x}_codes"] = ((B, H, nb, P, D * self.bits // 8) if x == "k" else (B, H, nb, D, P * self.bits // 8),
+                                    torch.uint8)
             meta = (B, H, nb, P, G) if self.kind[x] == "per_token" else (B, H, nb, D)
             shapes[f"{x}_mn"] = shapes[f"{x}_scale"] = (meta, self.meta_dtype)
         if not self.cfg.summation_elimination:
@@ -73,6 +78,23 @@ class HackLayerKV(LayerKV):
                 new[:, :, :have] = self.blocks[name]
             self.blocks[name] = new
 
+    def _unpack(self, x: str, packed: torch.Tensor) -> torch.Tensor:
+        """Stored codes of whole blocks (..., nb, Π, D·b/8) for K, (..., nb, D, Π·b/8) for V -> (..., nb, Π, D)."""
+        codes = unpack(packed, self.bits)
+        return codes if x == "k" else codes.transpose(-1, -2)
+
+    def _pack(self, x: str, codes: torch.Tensor) -> torch.Tensor:
+        """(..., nb, Π, D) codes -> the stored packing of tensor x (the inverse of `_unpack`)."""
+        return pack(codes if x == "k" else codes.transpose(-1, -2), self.bits)
+
+    def _code_bytes(self, x: str, q_tokens: int) -> int:
+        """Bytes of one head's packed codes for q_tokens slots: V's are packed per block along the tokens, so a
+        partly filled block (requantization ablation only) takes the whole bytes its tokens touch."""
+        if x == "k":
+            return q_tokens * self.head_dim * self.bits // 8
+        full, rem = divmod(q_tokens, self.part)
+        return self.head_dim * (full * self.part * self.bits // 8 + -(-rem * self.bits // 8))
+
     def _quantize_into(self, b: int, x: str, slot0: int, vals: torch.Tensor) -> None:
         """Quantize raw values vals (H, n, D) into slots slot0.. of sequence b. per_channel writes start a block."""
         H, n, D = vals.shape
@@ -84,7 +106,7 @@ class HackLayerKV(LayerKV):
         beta0, off = divmod(slot0, P)
         nb = -(-(off + n) // P)
         self._grow(beta0 + nb)
-        codes_all = self.blocks[f"{x}_codes"][b, :, beta0:beta0 + nb]  # (H, nb, P, D*b/8)
+        codes_all = self.blocks[f"{x}_codes"][b, :, beta0:beta0 + nb]  # (H, nb, P, D*b/8) or (H, nb, D, P*b/8)
         if self.kind[x] == "per_token":
             codes, mn, scale, _ = quantize(vals, self.bits, self.group, self.cfg.rounding, self.meta_dtype,
                                            self.gen, where)  # (H, n, D), (H, n, G) x2
@@ -92,7 +114,7 @@ class HackLayerKV(LayerKV):
                 t = self.blocks[name][b, :, beta0:beta0 + nb].flatten(1, 2).clone()  # (H, nb*P, G)
                 t[:, off:off + n] = val
                 self.blocks[name][b, :, beta0:beta0 + nb] = t.unflatten(1, (nb, P))
-            unpacked = unpack(codes_all, self.bits).flatten(1, 2)  # (H, nb*P, D)
+            unpacked = self._unpack(x, codes_all).flatten(1, 2)  # (H, nb*P, D)
             unpacked[:, off:off + n] = codes
         else:
             assert off == 0, "per-channel quantization starts at a block boundary"
@@ -105,7 +127,7 @@ class HackLayerKV(LayerKV):
             self.blocks[f"{x}_scale"][b, :, beta0:beta0 + nb] = scale[..., 0]
             unpacked = codes.transpose(-1, -2).flatten(1, 2).clone()  # (H, nb*P, D)
             unpacked[:, n:] = 0  # empty slots hold zero codes
-        self.blocks[f"{x}_codes"][b, :, beta0:beta0 + nb] = pack(unpacked.reshape(H, nb, P, D), self.bits)
+        self.blocks[f"{x}_codes"][b, :, beta0:beta0 + nb] = self._pack(x, unpacked.reshape(H, nb, P, D))
         self._update_sums(b, x, beta0, nb, unpacked.reshape(H, nb, P, D))
 
     def _update_sums(self, b: int, x: str, beta0: int, nb: int, codes: torch.Tensor) -> None:
@@ -115,7 +137,7 @@ class HackLayerKV(LayerKV):
 
     def _dequantize_slots(self, b: int, x: str, beta: int, n: int) -> torch.Tensor:
         """Values of the first n slots of block beta of sequence b, dequantized: (H, n, D). Ablation only."""
-        codes = unpack(self.blocks[f"{x}_codes"][b, :, beta], self.bits)[:, :n]  # (H, n, D)
+        codes = self._unpack(x, self.blocks[f"{x}_codes"][b, :, beta])[:, :n]  # (H, n, D)
         mn, scale = self.blocks[f"{x}_mn"][b, :, beta], self.blocks[f"{x}_scale"][b, :, beta]
         if self.kind[x] == "per_token":
             return dequantize(codes, mn[:, :n], scale[:, :n], self.group)
@@ -221,7 +243,7 @@ class HackLayerKV(LayerKV):
 
         # quantized blocks
         if nb:
-            codes = {x: unpack(self.blocks[f"{x}_codes"][:, :, :nb], self.bits) for x in "kv"}  # (B,H,nb,P,D)
+            codes = {x: self._unpack(x, self.blocks[f"{x}_codes"][:, :, :nb]) for x in "kv"}  # (B,H,nb,P,D)
             blk = torch.arange(nb, device=dev)[:, None]  # (nb, 1)
             slot = torch.arange(P, device=dev)  # (P,)
             ok = (blk[None] < nc[:, None, None]) | (
@@ -284,7 +306,7 @@ class HackLayerKV(LayerKV):
         for x in "kv":
             q_blocks = nc + (1 if fill and not req else 0)  # blocks with quantized per-channel params
             q_tokens = nc * P + (fill if (not req or not self.open16[x]) else 0)
-            out.codes += H * q_tokens * D * self.bits // 8
+            out.codes += H * self._code_bytes(x, q_tokens)
             if self.kind[x] == "per_token":
                 out.meta += 2 * H * q_tokens * G * meta_b
             else:
@@ -310,9 +332,9 @@ class HackLayerKV(LayerKV):
         return q_tokens, nc + (1 if fill and not req else 0)
 
     def _per_slot(self, x: str, name: str) -> bool:
-        """Whether tensor `name` has one entry per token slot (codes, per-token min/scale, K's sums over a
-        channel group) rather than one per block (per-channel min/scale, V's sums over a block's tokens)."""
-        return name.endswith("codes") or name == "k_sum" or (self.kind[x] == "per_token" and name != "v_sum")
+        """Whether tensor `name` (not v_codes, packed per block) has one entry per token slot (K's codes, per-token
+        min/scale, K's sums over a channel group) rather than one per block (per-channel min/scale, V's sums)."""
+        return name in ("k_codes", "k_sum") or (self.kind[x] == "per_token" and name != "v_sum")
 
     def export_seq(self, b: int) -> dict[str, torch.Tensor]:
         """Sequence b's payload, exactly what `transfer_bytes` counts: packed codes and min/scale of the quantized
@@ -326,7 +348,13 @@ class HackLayerKV(LayerKV):
                 names.append(f"{x}_sum")
             for name in names:  # (H, q_tokens, ...) per token slot, or (H, q_blocks, D) per block
                 t = self.blocks[name][b]
-                out[name] = (t.flatten(1, 2)[:, :q_tokens] if self._per_slot(x, name) else t[:, :q_blocks]).clone()
+                if name == "v_codes":  # packed along each block's tokens: whole blocks, then a partial block's bytes
+                    full, rem = divmod(q_tokens, self.part)
+                    out[name] = t[:, :full].clone()  # (H, full, D, P*b/8)
+                    if rem:
+                        out["v_codes_part"] = t[:, full, :, :-(-rem * self.bits // 8)].clone()  # (H, D, bytes)
+                else:
+                    out[name] = (t.flatten(1, 2)[:, :q_tokens] if self._per_slot(x, name) else t[:, :q_blocks]).clone()
             if self.cfg.requant_elimination and self.open16[x]:
                 out[f"{x}_open"] = self.open[x][b, :, :fill].clone()  # (H, fill, D)
             out[f"{x}_sinks"] = self.sinks[x][b, :, :sink].clone()  # (H, sink, D)
@@ -335,21 +363,26 @@ class HackLayerKV(LayerKV):
     def import_seq(self, b: int, state: dict[str, torch.Tensor]) -> None:
         """Install a payload from `export_seq` into (empty) sequence b as it is: quantized pages stay quantized;
         sums not sent are rebuilt from the codes."""
-        sink, q_v = state["k_sinks"].shape[1], state["v_codes"].shape[1]
-        nc, fill = (q_v // self.part, state["v_open"].shape[1]) if "v_open" in state else divmod(q_v, self.part)
+        sink, q_k = state["k_sinks"].shape[1], state["k_codes"].shape[1]
+        nc, fill = (q_k // self.part, state["v_open"].shape[1]) if "v_open" in state else divmod(q_k, self.part)
         self._grow(nc + 1)
         for x in "kv":
             q_tokens, q_blocks = self._extent(x, nc, fill)
             for name in (f"{x}_codes", f"{x}_mn", f"{x}_scale", f"{x}_sum"):
                 if name not in state:
                     continue
-                if self._per_slot(x, name):
+                if name == "v_codes":  # whole blocks (H, full, D, P*b/8), then a partial block's bytes
+                    full = state[name].shape[1]
+                    self.blocks[name][b, :, :full] = state[name].to(self.device)
+                    if "v_codes_part" in state:
+                        self.blocks[name][b, :, full, :, :state["v_codes_part"].shape[-1]] = state["v_codes_part"].to(self.device)
+                elif self._per_slot(x, name):
                     self.blocks[name][b].flatten(1, 2)[:, :q_tokens] = state[name].to(self.device)
                 else:
                     self.blocks[name][b, :, :q_blocks] = state[name].to(self.device)
             if self.cfg.summation_elimination and f"{x}_sum" not in state:
                 nb = -(-q_tokens // self.part)
-                self._update_sums(b, x, 0, nb, unpack(self.blocks[f"{x}_codes"][b, :, :nb], self.bits))
+                self._update_sums(b, x, 0, nb, self._unpack(x, self.blocks[f"{x}_codes"][b, :, :nb]))
             if f"{x}_open" in state:
                 self.open[x][b, :, :fill] = state[f"{x}_open"].to(self.device)
             self.sinks[x][b, :, :sink] = state[f"{x}_sinks"].to(self.device)
