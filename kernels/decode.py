@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hack_kernels.common import dot_dtypes, interpreting, quant8_rows, tail_dot_dtype, unpack_codes
+from hack_kernels.common import dot_codes, dot_dtypes, interpreting, quant8_rows, tail_dot_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -64,8 +64,7 @@ def _scores_channel(q, bb, KC, KMN, KSC, KSUM, RP: tl.constexpr, D: tl.constexpr
     km = tl.load(KMN + bb * D + dd).to(tl.float32)
     q8, qsc, qmn = quant8_rows(tl.reshape(q * ks[None, :], (RP, G, C)), OPER, DT)  # q̃: (RP, G, C), (RP, G) x2
     q8sum = tl.trans(tl.sum(q8, axis=2))[:, :, None]  # (G, RP, 1)
-    k = unpack_codes(kp, BITS, DT, ASM)  # (PI, D)
-    dot = tl.reshape(tl.dot(_group_rows(q8, G, RP, D, DT), tl.trans(k)).to(tl.float32), (G, RP, PI))
+    dot = tl.reshape(dot_codes(_group_rows(q8, G, RP, D, DT), kp, BITS, DT, ASM), (G, RP, PI))
     if OPER == 0:  # Σ q'k'' = Σ q'k' - z Σ q' (exact integers)
         ksum = tl.load(KSUM + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32) - C * Z  # Σ k'': (G, PI)
         s = tl.sum(tl.trans(qsc)[:, :, None] * (dot - Z * q8sum) + tl.trans(qmn)[:, :, None] * ksum[:, None, :], 0)
@@ -81,14 +80,12 @@ def _scores_channel(q, bb, KC, KMN, KSC, KSUM, RP: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
-def _v_tile(VC, bb, D: tl.constexpr, PI: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
-    """Closed block bb's V codes as the (PI, D) DT operand of P̃·V. They are packed along the tokens, the axis the
-    dot contracts, so the widened tile is already in the operand's register layout (packed along D, Triton staged
-    the widened tile through shared memory to transpose it: 1.3-1.8x slower, kernels/NOTES.md)."""
+def _pv(a, VC, bb, D: tl.constexpr, PI: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """a (M, PI) DT · closed block bb's V codes (PI, D) -> (M, D) fp32. V's codes are packed along the tokens, the
+    axis this product contracts, so they widen straight into dot operands (no transpose through shared memory)."""
     TB: tl.constexpr = PI * BITS // 8
-    ee = tl.arange(0, TB)
-    vp = tl.load(VC + (bb * D + tl.arange(0, D)[:, None]) * TB + ee[None, :])  # (D, TB) packed codes
-    return tl.trans(unpack_codes(vp, BITS, DT, ASM))
+    vp = tl.load(VC + (bb * D + tl.arange(0, D)[:, None]) * TB + tl.arange(0, TB)[None, :])  # (D, TB) packed codes
+    return dot_codes(a, vp, BITS, DT, ASM)
 
 
 @triton.jit
@@ -104,8 +101,7 @@ def _values_channel(p, bb, VC, VMN, VSC, VSUM, RP: tl.constexpr, D: tl.constexpr
     vmn = tl.load(VMN + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)
     p8, psc, pmn = quant8_rows(p[None, :, :] * vsc[:, None, :], OPER, DT)  # P̃: (G, RP, PI), (G, RP) x2
     p8sum = tl.sum(p8, axis=2)[:, :, None]  # (G, RP, 1)
-    v = _v_tile(VC, bb, D, PI, BITS, DT, ASM)  # (PI, D)
-    o = tl.reshape(tl.dot(tl.reshape(p8, (G * RP, PI)).to(DT), v).to(tl.float32), (G, RP, D))
+    o = tl.reshape(_pv(tl.reshape(p8, (G * RP, PI)).to(DT), VC, bb, D, PI, BITS, DT, ASM), (G, RP, D))
     if OPER == 0:
         vsum = tl.load(VSUM + bb * D + dd).to(tl.float32) - PI * Z  # Σ_t v'': (D,)
         o = psc[:, :, None] * (o - Z * p8sum) + pmn[:, :, None] * vsum[None, None, :]
@@ -134,8 +130,7 @@ def _scores_token(a, qsc, qmn, qsum, qsumx, bb, KC, KMN, KSC, KSUM, RP: tl.const
     kp = tl.load(KC + (bb * PI + tt[:, None]) * DB + ee[None, :])  # (PI, DB)
     ksc = tl.load(KSC + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :]  # (G, 1, PI)
     kmn = tl.load(KMN + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :]
-    k = unpack_codes(kp, BITS, DT, ASM)  # (PI, D)
-    dot = tl.reshape(tl.dot(a, tl.trans(k)).to(tl.float32), (G, RP, PI))
+    dot = tl.reshape(dot_codes(a, kp, BITS, DT, ASM), (G, RP, PI))
     if OPER == 0:
         kmn = kmn + ksc * Z  # centered min
         ksum = tl.load(KSUM + (bb * PI + tt[None, :]) * G + gg[:, None]).to(tl.float32)[:, None, :] - C * Z
@@ -156,8 +151,7 @@ def _values_token(p, bb, VC, VMN, VSC, VSUM, RP: tl.constexpr, D: tl.constexpr, 
     vsc = tl.load(VSC + bb * D + dd).to(tl.float32)[None, :]  # (1, D)
     vmn = tl.load(VMN + bb * D + dd).to(tl.float32)[None, :]
     p8, psc, pmn = quant8_rows(tl.reshape(p, (1, RP, PI)), OPER, DT)  # (1, RP, PI), (1, RP) x2
-    v = _v_tile(VC, bb, D, PI, BITS, DT, ASM)  # (PI, D)
-    o = tl.dot(tl.reshape(p8, (RP, PI)).to(DT), v).to(tl.float32)  # (RP, D)
+    o = _pv(tl.reshape(p8, (RP, PI)).to(DT), VC, bb, D, PI, BITS, DT, ASM)  # (RP, D)
     psc = tl.reshape(psc, (RP, 1))
     psum = tl.reshape(tl.sum(p8, axis=2), (RP, 1))
     if OPER == 0:

@@ -28,7 +28,8 @@ def attend(layer, q: torch.Tensor, scaling: float, window: Optional[int]) -> Opt
     """Decode step (one query token per sequence, no window): the homomorphic decode kernel, else None."""
     if q.shape[2] != 1 or window is not None or not covered(layer):
         return None
-    out = hack_decode(from_layer(layer), q[:, :, 0], scaling, max_blocks=int(layer.n_closed.max()))  # (B, Hq, D)
+    out = hack_decode(from_layer(layer), q[:, :, 0], scaling, operand=layer.cfg.operand,
+                      max_blocks=int(layer.n_closed.max()))  # (B, Hq, D)
     active = layer.q_pos[:, -1] >= 0  # (B,) host
     if not bool(active.all()):  # padding queries see nothing
         out = out * active.to(out.device)[:, None, None].to(out.dtype)

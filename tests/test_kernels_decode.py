@@ -18,10 +18,10 @@ SCALING = 0.125
 
 
 def make_store(device, layout="channel", bits=2, partition=32, head_dim=64, heads=2, q_heads=4, lengths=(109, 41),
-               sinks=4, seed=0, dtype=torch.float16, backend="reference"):
+               sinks=4, seed=0, dtype=torch.float16, backend="reference", operand="int8"):
     """A ragged batch after a prefill and one decode step; returns (layer, q (B, Hq, 1, D))."""
     g = torch.Generator().manual_seed(seed)
-    cfg = Config(bits=bits, partition=partition, layout=layout, sink_tokens=sinks, backend=backend)
+    cfg = Config(bits=bits, partition=partition, layout=layout, sink_tokens=sinks, backend=backend, operand=operand)
     B, T = len(lengths), max(lengths)
     layer = HackLayerKV(cfg, 0, B, heads, head_dim, device, dtype)
     k = torch.randn(B, heads, T, head_dim, generator=g)
@@ -127,3 +127,16 @@ def test_store_dispatch(device, layout, monkeypatch):
     out = layer.attend(q, SCALING)
     assert calls["attend"] == 1
     assert out.shape == ref.shape and rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_store_dispatch_uses_the_configured_operand(device, monkeypatch):
+    """quant.operand=fp16 reaches the kernel through the store (and stays close to exact attention over K̂/V̂)."""
+    from hack_kernels import dispatch
+
+    seen = []
+    fn = dispatch.hack_decode
+    monkeypatch.setattr(dispatch, "hack_decode", lambda *a, **k: seen.append(k["operand"]) or fn(*a, **k))
+    layer, q = make_store(device, backend="triton", operand="fp16", partition=64, lengths=(300, 170))
+    out = layer.attend(q, SCALING)[:, :, 0]
+    assert seen == ["fp16"] and rel(out, exact_attention(layer, q)) < 2e-3
