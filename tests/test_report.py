@@ -129,3 +129,21 @@ def test_superseded_measured_runs_are_left_out(tmp_path):
             {"method": "fp16", "model": "llama31_8b", "trace": "long", "rate": 0.3, "jct_mean": 1.0, **extra}))
     runs = load_runs(tmp_path)
     assert list(runs["dir"]) == ["jct/new"]
+
+
+def test_measured_runs_of_different_cards_are_never_averaged(tmp_path):
+    """Two bundles of measured runs (two cards): the breakdown reads one bundle (the last by name unless
+    report.measured_bundle names one), and the artifact claim pairs fp16 with HACK within each folder."""
+    phases = ("queue_prefill", "prefill", "compress", "queue_link", "transfer", "queue_decode", "install", "decode")
+    for bundle, scale in (("gpu_a", 1.0), ("gpu_b", 2.0)):
+        for method, jct in (("fp16", 8.0), ("hack", 6.0)):
+            run = tmp_path / "results" / "jct" / bundle / "rates" / method
+            run.mkdir(parents=True)
+            summary = {"method": method, "model": "llama31_8b", "trace": "long", "rate": 0.3, "bandwidth_gbps": 10.0,
+                       "jct_mean": jct * scale, **{f"{p}_mean": jct * scale / len(phases) for p in phases}}
+            (run / "summary.json").write_text(json.dumps(summary))
+    build(tmp_path / "results", tmp_path / "out")
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "`jct/gpu_b`" in text and "| fp16 | 2.000 |" in text and "| fp16 | 1.500 |" not in text
+    claim = next(line for line in text.splitlines() if "mean JCT 24.13" in line)
+    assert "8.00 → 6.00 s (-25.0%, gpu_a/rates)" in claim and "16.00 → 12.00 s (-25.0%, gpu_b/rates)" in claim

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 
@@ -26,6 +27,7 @@ class ReportConfig:
     prefill_gpu: str = "a10g"  # the reference setting of the breakdown and memory sections
     model: str = "llama31_8b"
     trace: str = "long"
+    measured_bundle: Optional[str] = None  # results/jct/<bundle> of the measured breakdown; None: the last by name
 
 
 def _missing(what: str, command: str) -> str:
@@ -145,15 +147,22 @@ class Report:
             self.figure("jct_models.png", figures.grouped_bars(models, "model", "trace", self.out / "jct_models.png"),
                         "Mean JCT per method and model, A10G prefill (simulated).")
 
+    def one_bundle(self, real: pd.DataFrame) -> pd.DataFrame:
+        """Measured runs of one bundle only (one card; averaging across cards would mean nothing)."""
+        if real.empty:
+            return real
+        return real[real["bundle"] == (self.cfg.measured_bundle or sorted(real["bundle"].unique())[-1])]
+
     def breakdown(self) -> None:
         self.section("JCT breakdown")
         c = self.cfg
         sim = self.r.select(True, bundle=GPUS, prefill_gpu=c.prefill_gpu, model=c.model, trace=c.trace)
-        real = self.r.select(False, model=c.model, trace=c.trace, bandwidth_gbps=10.0)
+        real = self.one_bundle(self.r.select(False, model=c.model, trace=c.trace, bandwidth_gbps=10.0))
         if not real.empty:
             real = real[real["rate"] == real["rate"].max()]
         panels = {f"simulated: {c.prefill_gpu} prefill, {c.model}, {c.trace}": sim,
-                  f"measured: {c.model}, {c.trace}, 10 Gbit/s" + (f", {real['rate'].iloc[0]} req/s" if not real.empty
+                  f"measured: {c.model}, {c.trace}, 10 Gbit/s" + (f", {real['rate'].iloc[0]} req/s, "
+                                                                  f"`jct/{real['bundle'].iloc[0]}`" if not real.empty
                                                                   else ""): real}
         made = figures.breakdown(panels, self.out / "breakdown.png")
         if not made:
@@ -172,13 +181,15 @@ class Report:
         self.section("Bandwidth sweep")
         sim = self.r.select(True, bundle="bandwidth")
         real = self.r.select(False, trace=self.cfg.trace)
-        real = real if real["bandwidth_gbps"].nunique() > 1 else real.iloc[0:0]
+        swept = real.groupby("bundle")["bandwidth_gbps"].nunique()
+        real = self.one_bundle(real[real["bundle"].isin(swept[swept > 1].index)])
         if sim.empty and real.empty:
             self.parts.append(_missing("bandwidth sweeps", "hack bench jct -m experiment=sim_bandwidth"))
             return
         for name, df in (("simulated", sim), ("measured", real)):
             if not df.empty:
-                self.parts.append(f"**{name}**\n\n" + _pivot(df, ["model", "trace", "rate", "bandwidth_gbps"]))
+                where = f" (`jct/{df['bundle'].iloc[0]}`)" if name == "measured" else ""
+                self.parts.append(f"**{name}**{where}\n\n" + _pivot(df, ["model", "trace", "rate", "bandwidth_gbps"]))
         self.figure("bandwidth.png", figures.bandwidth(sim, real, self.out / "bandwidth.png"),
                     "Mean JCT vs link bandwidth (solid: simulated, dashed: measured).")
 

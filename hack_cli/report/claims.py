@@ -7,6 +7,7 @@ command produces them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import pandas as pd
@@ -15,7 +16,7 @@ from hack_cli.report.results import Results, method_label
 
 SETTING = ["model", "trace", "rate", "bandwidth_gbps", "budget_gb", "prefill_gpu", "decode_gpu", "num_requests"]
 SIM = "hack bench jct -m experiment={}"
-REAL = "hack bench jct -m experiment=jct_long_gpu (2 GPUs; without Hydra: bash results/jct/run_gpu.sh)"
+REAL = "hack bench jct -m experiment=jct_long_gpu (2 GPUs; without Hydra: PART=rates bash results/jct/run_gpu_graph.sh)"
 ACC = "hack eval accuracy experiment=accuracy_paper (its accuracy_table.csv under results/accuracy/)"
 CACHEGEN = "a GPU profile of cachegen (its export failed on the GPU: results/profiles/README.md), then " \
            "hack bench jct -m experiment=sim_gpus_70b quant=cachegen"
@@ -68,14 +69,17 @@ def shares(bundle, methods: tuple, phase: str, **where) -> Callable[[Results], O
 
 
 def artifact(metric: str, scale: float = 1.0, unit: str = "s") -> Callable[[Results], Optional[str]]:
-    """fp16 -> hack on the artifact's long preset at 0.3 req/s, 10 Gbps, measured (Llama-3.1-8B, 2 GPUs)."""
+    """fp16 -> hack on the artifact's long preset at 0.3 req/s, 10 Gbps, measured (Llama-3.1-8B, 2 GPUs): one pair
+    per folder of runs (one device call, so one card), named by it."""
     def ours(r: Results) -> Optional[str]:
         df = r.select(False, trace="long", rate=0.3, bandwidth_gbps=10.0)
-        f, h = df[df["method"] == "fp16"], df[df["method"] == "hack"]
-        if f.empty or h.empty:
-            return None
-        a, b = float(f[metric].iloc[0]) * scale, float(h[metric].iloc[0]) * scale
-        return f"{a:.2f} → {b:.2f} {unit} ({100 * (b / a - 1):+.1f}%)"
+        out = []
+        for folder, runs in df.groupby(df["dir"].map(lambda d: str(Path(d).parent))):
+            f, h = runs[runs["method"] == "fp16"], runs[runs["method"] == "hack"]
+            if len(f) == 1 and len(h) == 1 and pd.notna(f[metric].iloc[0]) and pd.notna(h[metric].iloc[0]):
+                a, b = float(f[metric].iloc[0]) * scale, float(h[metric].iloc[0]) * scale
+                out.append(f"{a:.2f} → {b:.2f} {unit} ({100 * (b / a - 1):+.1f}%, {folder.removeprefix('jct/')})")
+        return "; ".join(out) or None
     return ours
 
 
