@@ -7,7 +7,8 @@ One documented difference: the eager store quantizes a block as its Π-th token 
 attention; the slots quantize it right after that step (a captured step cannot run the quantizer), so that one step
 attends the block's 16-bit values. Stored bytes are the same after every step. The engine-level comparison
 therefore uses prompts whose open blocks do not fill during the decode; `test_hack_slots_follow_the_store` covers
-the closing."""
+the closing. KIVI's slots flush a full residual before the step that adds a token, as its store's append does: equal
+at every step, flushes included (`test_kivi_slots_follow_the_store`)."""
 import time
 
 import pytest
@@ -18,12 +19,15 @@ from hack_cli.hf import make_method, prepare_model
 from hack_cli.hf.models import load_model, model_config
 from hack_cli.serve.decode import Active, DecodeEngine, NullWriter
 from hack_cli.serve.graph import GraphDecodeEngine, buckets
-from hack_cli.serve.slots import HackSlots
+from hack_cli.serve.slots import HackSlots, KiviSlots
 from hack_cli.serve.link import pack_payload
 from hack_cli.serve.metrics import RequestRecord
 from hack_cli.serve.prefill import export_payload, prefill_payload, prompt_ids
 
 PROMPTS = (40, 70, 140)  # 4 sinks, Π = 64: the open blocks hold 36, 2 and 8 tokens; 16 more do not fill them
+# R = 128, G = 32: (quantized, residual) = (0, 150), (0, 40), (32, 148); the first and last flush 32 residual tokens
+# into a key group during the decode (as the residual would reach 160), the second none
+KIVI_PROMPTS = (150, 40, 180)
 OUTPUT = 16
 
 
@@ -33,9 +37,9 @@ def tiny():
     return prepare_model(model)
 
 
-def payloads(model, method):
+def payloads(model, method, prompts):
     out = []
-    for rid, n in enumerate(PROMPTS):
+    for rid, n in enumerate(prompts):
         cache, first = prefill_payload(model, method, prompt_ids(0, rid, n, model.config.vocab_size, "cpu"))
         buf, manifest = pack_payload(export_payload(cache))
         out.append((manifest, buf, first, n))
@@ -58,20 +62,22 @@ def serve(engine, items) -> tuple[dict, dict]:
     return tokens, held
 
 
-@pytest.mark.parametrize("name,fields", [("fp16", {}), ("hack", {"backend": "triton"}), ("cachegen", {})])
-def test_graph_engine_matches_eager(tiny, name, fields):
+@pytest.mark.parametrize("name,fields,prompts", [("fp16", {}, PROMPTS), ("hack", {"backend": "triton"}, PROMPTS),
+                                                 ("cachegen", {}, PROMPTS), ("kivi", {}, KIVI_PROMPTS)],
+                         ids=["fp16", "hack", "cachegen", "kivi"])
+def test_graph_engine_matches_eager(tiny, name, fields, prompts):
     method = make_method(name, **fields)
-    items = payloads(tiny, method)
+    items = payloads(tiny, method, prompts)
     eager = DecodeEngine(tiny, method, torch.device("cpu"), float("inf"), NullWriter(), time.monotonic())
     graph = GraphDecodeEngine(tiny, method, torch.device("cpu"), 1e9, NullWriter(), time.monotonic(),
-                              capacity=max(PROMPTS) + OUTPUT, max_slots=4)
+                              capacity=max(prompts) + OUTPUT, max_slots=4)
     assert graph.slots.slots == 4 and graph.run_step.sizes == [1, 2, 4]
     want, want_bytes = serve(eager, items)
     got, got_bytes = serve(graph, items)
     assert got == want  # the same greedy tokens for every request
     if name == "cachegen":  # decoded to 16 bits at install: the slots hold fp16's bytes
         fp16_per_token = 2 * 2 * 2 * 32 * 2  # tiny: layers x (K, V) x kv heads x head_dim x 2 bytes
-        assert got_bytes == {i: fp16_per_token * (n + OUTPUT - 1) for i, n in enumerate(PROMPTS)}
+        assert got_bytes == {i: fp16_per_token * (n + OUTPUT - 1) for i, n in enumerate(prompts)}
     else:
         assert got_bytes == want_bytes  # the same exact byte accounting per request
     assert sorted(graph.slots.free) == [0, 1, 2, 3]  # every slot released
@@ -89,9 +95,9 @@ def test_slots_follow_the_budget(tiny):
 
 
 def test_graph_engine_refuses_what_it_cannot_run(tiny):
-    with pytest.raises(HackError, match="jct.engine=eager"):
-        GraphDecodeEngine(tiny, make_method("kivi"), torch.device("cpu"), 1e9, NullWriter(), time.monotonic(),
-                          capacity=128)
+    for method in (make_method("fp8"), make_method("kivi", bits=8)):
+        with pytest.raises(HackError, match="jct.engine=eager"):
+            GraphDecodeEngine(tiny, method, torch.device("cpu"), 1e9, NullWriter(), time.monotonic(), capacity=128)
     with pytest.raises(HackError, match="channel layout"):
         GraphDecodeEngine(tiny, make_method("hack", layout="token", partition=32), torch.device("cpu"), 1e9, NullWriter(),
                           time.monotonic(), capacity=128)
@@ -134,4 +140,39 @@ def test_hack_slots_follow_the_store():
         for x in "kv":
             assert torch.equal(layer.open[x][1, :, :fill], store.open[x][0, :, :fill])
     assert int(store.n_closed[0]) == 3  # 14 + 60 open tokens: two blocks closed during the decode
+    assert slots.stored_bytes(1) == store.stored_bytes().total
+
+
+def test_kivi_slots_follow_the_store():
+    """Slot 1 of KiviSlots vs a one-sequence KiviLayerKV fed the same K/V: attention equal at every step (the
+    kernel's fp16 rounding of K̂/V̂ aside), stored tensors bit-identical after every step (two flushes on the way)."""
+    H, Hq, D, G, R = 2, 4, 32, 32, 32
+    method = make_method("kivi", partition=G, residual=R)
+    slots = KiviSlots(method, 1, 3, 120, H, D, "cpu", torch.float32)
+    store = method.new_layer(0, 1, 1, H, D, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(0)
+    kv = lambda n: [torch.randn(1, H, n, D, generator=g) * 2 + 1 for _ in "kv"]  # noqa: E731
+    store.append(*kv(50))  # 50 residual tokens, none quantized
+    slots.install(1, [store.export_seq(0)], 50 + 60)
+    for step in range(60):
+        k, v = kv(1)
+        q = torch.randn(1, Hq, 1, D, generator=g)
+        slots.prepare({1: (0, 50 + step)})
+        slots.append(0, torch.cat([k, k, k]), torch.cat([v, v, v]))  # slots 0 and 2 idle
+        got = slots.attend(0, torch.cat([q, q, q]), D**-0.5)  # (3, Hq, 1, D)
+        store.append(k, v)
+        assert got[0].abs().max() == 0 and got[2].abs().max() == 0  # idle slots attend nothing
+        want = store.attend(q, D**-0.5)
+        assert ((got[1:2] - want).norm() / want.norm()).item() < 2e-3  # as tests/test_kernels_kivi.py
+        slots.advance(1)
+        slots._sync(1)
+        layer = slots.layers[0]
+        nq, nr = int(store.n_q[0]), int(store.n_res[0])
+        assert (int(layer.n_q[1]), int(layer.n_res[1])) == (nq, nr)
+        for name, t in store.t.items():
+            n = nq // G if name in ("k_mn", "k_scale") else nq
+            assert torch.equal(layer.t[name][1, :, :n], t[0, :, :n]), name
+        for x in "kv":
+            assert torch.equal(layer.res[x][1, :, :nr], store.res[x][0, :, :nr])
+    assert int(store.n_q[0]) == 64  # 50 + 60 tokens: the residual flushed twice during the decode
     assert slots.stored_bytes(1) == store.stored_bytes().total

@@ -68,7 +68,7 @@ def test_real_runs_core_methods(tmp_path):
 def test_real_runs_graph_engine(tmp_path):
     """The same runs with the graph decode engine (slots, one kernel call per layer; eager on CPU, the kernels in
     the interpreter): phases, bytes, and fp16's tokens equal local generation; CacheGen decoded to 16 bits."""
-    specs = [spec_for(m, tmp_path / m, save_tokens=True, engine="graph") for m in (*CORE, "cachegen")]
+    specs = [spec_for(m, tmp_path / m, save_tokens=True, engine="graph") for m in (*CORE, "cachegen", "kivi")]
     for spec, summary in zip(specs, serve_many(specs, tmp_path)):
         assert summary["engine"] == "graph"
         check_run(spec.quant.name, Path(spec.run_dir), summary)

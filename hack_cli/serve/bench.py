@@ -32,7 +32,8 @@ class JctConfig:
     max_requests: int = 0  # >0: serve only the first N requests of the trace (scaled-down runs)
     # Decode engine: graph = decode slots + one captured CUDA graph per batch bucket (hack_cli/serve/graph.py);
     # eager = the model as transformers runs it, attention per request; auto = graph on CUDA where it applies
-    # (fp16, HACK's channel layout; Llama/Mistral/Qwen models), else eager. summary.json names the one used.
+    # (fp16, HACK's channel layout, CacheGen, KIVI; Llama/Mistral/Qwen models), else eager. summary.json names the
+    # one used.
     engine: str = "auto"
     max_slots: int = 64  # graph engine: most requests decoding at once (also bounded by the KV budget)
     fault: str = "none"  # fault injection for tests: none | kill_prefill | stall_link

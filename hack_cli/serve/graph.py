@@ -5,12 +5,14 @@ one: every step pays Python and kernel-launch time per (layer, request), tens of
 8B model, far above the ~6-10 ms the GPU needs (results/jct/README.md). This engine keeps the same semantics
 (admission, phases, records) and removes that cost the way serving systems do:
   * all requests live in fixed decode slots (`slots.py`), one store per layer, attended by one ragged kernel call
-    per layer (HACK: the homomorphic decode kernel; fp16: a split-KV 16-bit kernel of the same structure);
+    per layer (HACK: the homomorphic decode kernel; fp16: a split-KV 16-bit kernel of the same structure; KIVI:
+    its fused-dequant kernel);
   * the model's own decoder layers run over the slot batch (c, 1) with our cache in place of theirs, and the
     whole iteration — embeddings, layers, norm, head, argmax — is captured once per bucket c (powers of two up to
     the number of slots) and replayed each step after one host-to-device copy of ids, positions and counters.
 Between steps the host does only what changes shapes: installing payloads, closing HACK's full blocks (the
-method's quantize kernel), freeing slots. On CPU (tests, under TRITON_INTERPRET=1) the same step runs eagerly.
+method's quantize kernel), flushing KIVI's full residual into a quantized group, freeing slots. On CPU (tests, under
+TRITON_INTERPRET=1) the same step runs eagerly.
 
 Admission is the eager engine's (the KV budget's reservations, FCFS, no overtaking) plus a free slot; the number
 of slots is what the budget holds at full capacity (every slot is allocated for the longest request of the trace).

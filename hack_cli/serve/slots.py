@@ -3,18 +3,20 @@ kernel call per layer — the storage of the graph decode engine (`hack_cli/serv
 
 A slot is one request's place in the decode batch: sequence b of each layer's `LayerKV`, built with batch = slots and
 every tensor allocated at full capacity up front, so nothing moves during a run and a captured CUDA graph stays
-valid. The method's own code installs a payload (`import_seq`) and closes HACK's blocks (`close_block`); the host
-keeps each slot's counters and writes them, with the step's token ids and positions, into one device tensor before
-each step. The step itself (`append`, `attend`) only reads that tensor: no host synchronization, no shape that
-depends on a request, so it can be captured once per batch bucket and replayed.
+valid. The method's own code installs a payload (`import_seq`), closes HACK's blocks (`close_block`) and quantizes
+KIVI's flushed residual (`_quantize_into`); the host keeps each slot's counters and writes them, with the step's
+token ids and positions, into one device tensor before each step. The step itself (`append`, `attend`) only reads
+that tensor: no host synchronization, no shape that depends on a request, so it can be captured once per batch
+bucket and replayed.
 
 Slots of a bucket that hold no request take part with zero counters: their attention covers nothing (output 0) and
 their one written K/V row lands in a free slot, overwritten when a request is installed there.
 
 Methods: fp16 (`FP16Slots`: ragged split-KV attention over 16-bit K/V, `hack_kernels.fp16_decode`), CacheGen
-(`DecodedSlots`: decoded to 16-bit K/V at install, as its receiver does, then attended like fp16) and HACK in the
+(`DecodedSlots`: decoded to 16-bit K/V at install, as its receiver does, then attended like fp16), HACK in the
 channel layout with both eliminations (`HackSlots`: the homomorphic decode kernel over the quantized blocks, the
-16-bit open block and sinks).
+16-bit open block and sinks) and KIVI (`KiviSlots`: the fused-dequant kernel `hack_kernels.kivi_decode` over its
+quantized groups and 16-bit residual).
 """
 from __future__ import annotations
 
@@ -249,7 +251,8 @@ class HackSlots(Slots):
         kv = HackKV(s.cfg.layout, s.bits, t["k_codes"], t["k_mn"], t["k_scale"], t["k_sum"], t["v_codes"],
                     t["v_mn"], t["v_scale"], t["v_sum"], s.sinks["k"][:c], s.sinks["v"][:c], s.open["k"][:c],
                     s.open["v"][:c], self.row("n_closed", c), self.row("fill", c), self.row("sink_fill", c))
-        out = hack_decode(kv, q[:, :, 0], scaling, max_blocks=s.blocks["k_codes"].shape[2])  # (c, Hq, D)
+        out = hack_decode(kv, q[:, :, 0], scaling, operand=s.cfg.operand,
+                          max_blocks=s.blocks["k_codes"].shape[2])  # (c, Hq, D)
         return out[:, :, None]
 
     def advance(self, b) -> None:
@@ -264,7 +267,74 @@ class HackSlots(Slots):
             n["fill"][b] = 0
 
 
-KINDS = {"fp16": FP16Slots, "hack": HackSlots, "cachegen": DecodedSlots}
+class KiviSlots(Slots):
+    """KIVI's tensors (`KiviLayerKV`): codes and min/scale of the quantized groups, the 16-bit residual, attended by
+    the fused-dequant kernel. When a slot's residual is full (R+G-1 tokens), its oldest G tokens are quantized (the
+    method's own `_quantize_into`) before the step that adds a token: what the method's append does as that token
+    arrives, so attention and stored bytes equal the eager store's at every step."""
+
+    counters = ("lengths", "n_q", "n_res")
+    step_rows = ("write", "n_q", "n_res")  # where the new token goes; quantized tokens; residual (new token included)
+
+    @staticmethod
+    def check(method, kv_heads: int, head_dim: int) -> None:
+        cfg = method.config
+        pow2 = lambda n: n >= 16 and n & (n - 1) == 0  # noqa: E731  (tl.arange tiles, tl.dot operands)
+        if cfg.bits not in (2, 4) or not (pow2(head_dim) and pow2(cfg.partition)) or cfg.residual < 1:
+            raise HackError("the KIVI decode kernel does not cover this configuration (2/4-bit codes, head_dim and G "
+                            "powers of two >= 16, a residual of >= 1 token); use jct.engine=eager")
+
+    def _allocate(self, layer) -> None:
+        from hack_cli.methods.dequant import grow
+
+        groups = max(1, (self.capacity - layer.residual) // layer.group)  # most key groups a slot quantizes
+        for name, t in layer.t.items():
+            layer.t[name] = grow(t, groups if name in ("k_mn", "k_scale") else groups * layer.group)
+
+    def _step_counters(self, b) -> tuple[int, ...]:
+        n_res = self.count["n_res"][b]
+        return n_res, self.count["n_q"][b], n_res + 1
+
+    def tensors(self, layer) -> list[torch.Tensor]:
+        return [*layer.t.values(), *layer.res.values()]
+
+    def _home(self, store) -> dict[str, torch.Tensor]:
+        return store.res  # the 16-bit residual
+
+    def attend(self, layer, q, scaling) -> torch.Tensor:
+        from hack_kernels.kivi_decode import kivi_decode
+
+        c = q.shape[0]
+        s = self.layers[layer]
+        t = {name: x[:c] for name, x in s.t.items()}
+        out = kivi_decode(t, s.res["k"][:c], s.res["v"][:c], self.row("n_q", c), self.row("n_res", c), q[:, :, 0],
+                          scaling, s.bits, s.group, max_tokens=t["k_codes"].shape[2])  # (c, Hq, D)
+        return out[:, :, None]
+
+    def prepare(self, tokens: dict[int, tuple[int, int]]) -> None:
+        for b in tokens:
+            if self.count["n_res"][b] == self.layers[0].res["k"].shape[2]:  # full: the step's token needs room
+                self._flush(b)
+        super().prepare(tokens)
+
+    def _flush(self, b: int) -> None:
+        """Slot b's oldest G residual tokens become a key group (and G value rows) in every layer."""
+        G = self.layers[0].group
+        self._sync(b)
+        for layer in self.layers:
+            res = [layer.res[x][b] for x in "kv"]  # (H, R+G-1, D) each
+            layer._quantize_into(b, *(r[:, :G].float() for r in res))
+            for r in res:
+                r[:, :-G] = r[:, G:].clone()  # the newest R-1 tokens move to the front
+        self.count["n_q"][b] += G
+        self.count["n_res"][b] -= G
+
+    def advance(self, b) -> None:
+        self.count["lengths"][b] += 1
+        self.count["n_res"][b] += 1
+
+
+KINDS = {"fp16": FP16Slots, "hack": HackSlots, "cachegen": DecodedSlots, "kivi": KiviSlots}
 
 
 def slots_class(method) -> type[Slots]:
