@@ -2,6 +2,7 @@
 16-bit decode-side tokens, byte accounting, independence, receiver decode."""
 import time
 
+import numpy as np
 import pytest
 import torch
 from kv_data import attention_fp32, realistic_kv
@@ -76,6 +77,44 @@ def test_receiver_decodes_exactly_what_the_sender_holds():
     for x in (s, r):  # a decode step on both sides
         x.append(k[:, :, -1:], v[:, :, -1:])
     torch.testing.assert_close(r.attend(q, SCALE), s.attend(q, SCALE), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 301, 611])
+def test_chunks_of_a_lone_anchor_or_partial_group(tokens):
+    """A last chunk holding only its anchor (no deltas to code) or ending inside a group decodes exactly."""
+    _, k, v = smooth_kv(1, tokens, seed=tokens)
+    s, r = store(chunk=300), store(chunk=300)
+    s.append(k, v)
+    wire = s.export_seq(0)
+    assert s.transfer_bytes().total == sum(t.numel() * t.element_size() for t in wire.values())
+    r.import_seq(0, wire)
+    for name, t in r.t.items():
+        assert torch.equal(s.t[name][:, :, :t.shape[2]], t), name
+
+
+def test_device_and_host_symbol_paths_agree():
+    """A GPU store unpacks and counts with torch where it is, a CPU store with numpy: same symbols, same tables."""
+    _, k, v = smooth_kv(1, 650, seed=5)
+    for layer in (0, 5, 11):  # 8-bit and 4-bit stored deltas
+        s = store(layer=layer, chunk=300)
+        s.append(k, v)
+        for x in "kv":
+            host, dev = s._host_symbols(0, x, on_device=False), s._host_symbols(0, x, on_device=True)
+            for h, d in zip(host, dev):
+                assert h.shape == d.shape and (torch.equal(h, d) if isinstance(h, torch.Tensor) else (h == d).all())
+
+
+def test_codec_decodes_into_channel_major_arrays():
+    """The layer's layout: per-channel parts read and written as column slices of channel-major arrays, no copy."""
+    g = torch.Generator().manual_seed(3)
+    cm = torch.randint(0, 15, (24, 500), generator=g, dtype=torch.int32).numpy()  # (C, m) channel-major
+    part = cm[:, 100:400].T  # (300, 24), each channel contiguous
+    table = codec.freq_table(part, 15, True)
+    payload = codec.encode([(part, table)])
+    out = np.zeros((24, 500), dtype=np.uint8)
+    codec.decode(payload, [part.shape], [table], out=[out[:, 100:400].T])
+    assert (out[:, 100:400] == cm[:, 100:400]).all() and not out[:, :100].any() and not out[:, 400:].any()
+    assert codec.encode([(torch.from_numpy(np.ascontiguousarray(part)), table)]) == payload
 
 
 def test_transfer_bytes_are_the_bytes_produced():

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from hack_cli.errors import ConfigError, HackError
@@ -81,6 +82,22 @@ def quantize_chunk(x: torch.Tensor, group: int, levels: int):
     scale_d = torch.where(scale_d == 0, torch.ones_like(scale_d), scale_d)
     d_code = (delta / scale_d.float()[:, None]).round().clamp(-half_d, half_d)
     return (a_code + half_a).to(torch.uint8), (d_code + half_d).to(torch.uint8), scale_a, scale_d
+
+
+def non_anchor(n: int, group: int) -> np.ndarray:
+    """Indices of the tokens of n that are not a group's anchor."""
+    return np.flatnonzero(np.arange(n) % group)
+
+
+def with_anchor_slots(rows: np.ndarray, n: int, group: int, fill: int) -> np.ndarray:
+    """rows (H, n - ceil(n/group), X) of the non-anchor tokens -> (H, n, X) with `fill` at every group's anchor."""
+    H, _, X = rows.shape
+    full = np.empty((H, n, X), dtype=rows.dtype)
+    q = n // group  # whole groups
+    full[:, ::group] = fill
+    full[:, :q * group].reshape(H, q, group, X)[:, :, 1:] = rows[:, :q * (group - 1)].reshape(H, q, group - 1, X)
+    full[:, q * group + 1:] = rows[:, q * (group - 1):]
+    return full
 
 
 def storage_bits(levels: int) -> int:
@@ -164,38 +181,70 @@ class CacheGenLayerKV(LayerKV):
         n = int(self.n_prompt[b])
         return [(c0, min(self.chunk, n - c0)) for c0 in range(0, n, self.chunk)]
 
-    def _symbols(self, b: int, x: str, c0: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Anchor (ng, H·D) and non-anchor delta (n - ng, H·D) symbols of one chunk, channel = h·D + d."""
-        G, H, D = self.group, self.kv_heads, self.head_dim
-        ng = -(-n // G)
-        flat = lambda s: s.permute(1, 0, 2).reshape(s.shape[1], H * D)
-        a = flat(self.t[f"{x}_a_sym"][b, :, c0 // G:c0 // G + ng])
-        d = unpack_codes(self.t[f"{x}_d_sym"][b, :, c0:c0 + n], self.dbits[x])  # (H, n, D)
-        d = flat(d[:, torch.arange(n, device=d.device) % G != 0])
-        return a, d
+    def _spans(self, b: int) -> list[tuple[int, int, int, int]]:
+        """Per chunk of sequence b's prompt: its anchor rows [g0, g1) and non-anchor delta rows [j0, j1) in the
+        sequence's host symbol arrays (`_host_symbols`); chunks start at multiples of `group`."""
+        G = self.group
+        out = []
+        for c0, n in self._chunks(b):
+            g0, g1 = c0 // G, -(-(c0 + n) // G)
+            out.append((g0, g1, c0 - g0, c0 + n - g1))
+        return out
+
+    def _host_symbols(self, b: int, x: str, on_device: Optional[bool] = None):
+        """Sequence b's prompt symbols of K or V on the host, brought over once: anchors (ng, H·D) int32 row-major,
+        non-anchor deltas (n - ng, H·D) int32 column-contiguous (the transpose of a channel-major array: each
+        channel of each chunk is one contiguous run), channel = h·D + d; and the uint8 tables of every chunk: anchors
+        (chunks, 1, 255) pooled over channels, deltas (chunks, H·D, L). A GPU store unpacks and counts on the GPU
+        (`on_device`, default: the store is not on the CPU); a CPU store does it in numpy (torch's CPU thread pool,
+        once woken, spins beside the single-threaded coder)."""
+        G, C = self.group, self.kv_heads * self.head_dim
+        n, L, bits = int(self.n_prompt[b]), self.levels[x], self.dbits[x]
+        ng, per, mask = -(-n // G), 8 // bits, 2**bits - 1
+        a, packed = self.t[f"{x}_a_sym"][b, :, :ng], self.t[f"{x}_d_sym"][b, :, :n]  # (H, ng, D), (H, n, D·b/8)
+        if on_device is None:
+            on_device = a.device.type != "cpu"
+        if on_device:
+            a = a.transpose(0, 1).to(torch.int32).reshape(ng, C)
+            keep = torch.from_numpy(non_anchor(n, G)).to(a.device)
+            packed = packed.index_select(1, keep).transpose(1, 2).to(torch.int32)
+            shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=a.device)[:, None]  # element j: bits j·b..
+            d = torch.bitwise_right_shift(packed[:, :, None], shifts).bitwise_and_(mask).reshape(C, n - ng)
+        else:
+            a = np.ascontiguousarray(a.numpy().transpose(1, 0, 2), dtype=np.int32).reshape(ng, C)
+            packed = np.ascontiguousarray(packed.numpy().take(non_anchor(n, G), 1).transpose(0, 2, 1))
+            d = np.empty((*packed.shape[:2], per, n - ng), dtype=np.int32)  # (H, D·b/8, per, n - ng)
+            for j in range(per):
+                np.bitwise_and(packed >> (j * bits), mask, out=d[:, :, j], casting="unsafe")
+            d = d.reshape(C, n - ng)
+        spans = self._spans(b)
+        stack = (lambda ts: torch.stack(ts).cpu()) if isinstance(a, torch.Tensor) else np.stack
+        ta = stack([codec.counts(a[g0:g1], ANCHOR_LEVELS, per_channel=False) for g0, g1, _, _ in spans])
+        td = stack([codec.counts(d[:, j0:j1], L, per_channel=True) for _, _, j0, j1 in spans])
+        host = lambda t: t.cpu().numpy() if isinstance(t, torch.Tensor) else t
+        return host(a), host(d).T, torch.from_numpy(codec.scaled(ta)), torch.from_numpy(codec.scaled(td))
 
     def encode_seq(self, b: int) -> dict:
         """Entropy-code sequence b's prompt: per chunk one ANS stream (K then V), its uint8 tables and scales."""
         if b in self.wire:
             return self.wire[b]
-        streams, tables = [], {f"{x}_{kind}": [] for x in "kv" for kind in ("a_table", "d_table")}
-        for c0, n in self._chunks(b):
+        spans = self._spans(b)
+        sym = {x: self._host_symbols(b, x) for x in "kv"} if spans else {}
+        streams = []
+        for ci, (g0, g1, j0, j1) in enumerate(spans):
             parts = []
             for x in "kv":
-                a, d = self._symbols(b, x, c0, n)
-                ta = codec.freq_table(a, ANCHOR_LEVELS, per_channel=False)  # (1, 255)
-                td = codec.freq_table(d, self.levels[x], per_channel=True)  # (H·D, L)
-                tables[f"{x}_a_table"].append(ta)
-                tables[f"{x}_d_table"].append(td)
-                parts += [(a, ta), (d, td)]
+                a, d, ta, td = sym[x]
+                parts += [(a[g0:g1], ta[ci]), (d[j0:j1], td[ci])]  # (ng, H·D) + (1, 255), (n - ng, H·D) + (H·D, L)
             streams.append(codec.encode(parts))
         chunks = len(streams)
         wire = {"payload": torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8)
                 if streams else torch.zeros(0, dtype=torch.uint8),
                 "stream_bytes": torch.tensor([len(s) for s in streams], dtype=torch.int32),
                 "tokens": torch.tensor([int(self.n_prompt[b])], dtype=torch.int32)}
-        for name, ts in tables.items():
-            wire[name] = torch.stack(ts) if ts else torch.zeros(0, dtype=torch.uint8)
+        for x in "kv":
+            for i, kind in ((2, "a_table"), (3, "d_table")):
+                wire[f"{x}_{kind}"] = sym[x][i] if chunks else torch.zeros(0, dtype=torch.uint8)
         for x in "kv":
             for name in ("a_scale", "d_scale"):
                 wire[f"{x}_{name}"] = self.t[f"{x}_{name}"][b, :, :chunks].transpose(0, 1).cpu().clone()
@@ -210,34 +259,45 @@ class CacheGenLayerKV(LayerKV):
         return out
 
     def import_seq(self, b: int, state: dict[str, torch.Tensor]) -> None:
-        """Receiver: entropy-decode the prompt's symbols chunk by chunk and install them (and any 16-bit tail)."""
+        """Receiver: entropy-decode the prompt's symbols chunk by chunk on the host (into channel-major arrays), then
+        pack and install the whole prompt at once, one copy to the store's device per tensor (and any 16-bit tail)."""
         if int(self.lengths[b]):
             raise HackError("cachegen: import_seq installs a transferred sequence into an empty slot")
         G, H, D = self.group, self.kv_heads, self.head_dim
         state = {name: t.cpu() for name, t in state.items()}  # the entropy decoder reads host bytes
         n_total = int(state["tokens"][0])
         self.n_prompt[b] = n_total
-        for name, size in (("a_sym", -(-n_total // G)), ("d_sym", n_total), ("a_scale", -(-n_total // self.chunk)),
-                           ("d_scale", -(-n_total // self.chunk))):  # allocate once, not chunk by chunk
-            for x in "kv":
-                self.t[f"{x}_{name}"] = grow(self.t[f"{x}_{name}"], size)
         payload = state["payload"].numpy().tobytes()
+        C, ng = H * D, -(-n_total // G)
+        a_host = {x: np.empty((ng, C), dtype=np.uint8) for x in "kv"}  # row-major, as encoded
+        d_host = {x: np.empty((C, n_total - ng), dtype=np.uint8) for x in "kv"}  # channel-major
         offset = 0
-        for ci, (c0, n) in enumerate(self._chunks(b)):
+        for ci, (g0, g1, j0, j1) in enumerate(self._spans(b)):
             size = int(state["stream_bytes"][ci])
-            ng = -(-n // G)
-            shapes, tables = [], []
+            shapes, tables, out = [], [], []
             for x in "kv":
-                shapes += [(ng, H * D), (n - ng, H * D)]
+                shapes += [(g1 - g0, C), (j1 - j0, C)]
                 tables += [state[f"{x}_a_table"][ci], state[f"{x}_d_table"][ci]]
-            parts = codec.decode(payload[offset:offset + size], shapes, tables)
+                out += [a_host[x][g0:g1], d_host[x][:, j0:j1].T]
+            codec.decode(payload[offset:offset + size], shapes, tables, out=out)
             offset += size
-            for i, x in enumerate("kv"):
-                a, d = parts[2 * i], parts[2 * i + 1]
-                unflat = lambda s: s.reshape(s.shape[0], H, D).permute(1, 0, 2)  # (H, m, D)
-                d_sym = torch.full((H, n, D), (self.levels[x] - 1) // 2, dtype=torch.uint8)
-                d_sym[:, torch.arange(n) % G != 0] = unflat(d)
-                self._store_chunk(b, x, c0, unflat(a), d_sym, state[f"{x}_a_scale"][ci], state[f"{x}_d_scale"][ci])
+        chunks = len(state["stream_bytes"])
+        for name, size in (("a_sym", ng), ("d_sym", n_total), ("a_scale", chunks), ("d_scale", chunks)):
+            for x in "kv":  # allocate once, not chunk by chunk
+                self.t[f"{x}_{name}"] = grow(self.t[f"{x}_{name}"], size)
+        for x in "kv":
+            bits = self.dbits[x]
+            per, zero = 8 // bits, (self.levels[x] - 1) // 2  # codes per byte; anchors hold the zero delta
+            cm = d_host[x].reshape(H, D // per, per, n_total - ng)  # element j of a byte: bits [j·b, (j+1)·b)
+            packed = cm[:, :, 0].copy()
+            for j in range(1, per):
+                packed |= cm[:, :, j] << (j * bits)
+            fill = sum(zero << (j * bits) for j in range(per))
+            d_sym = with_anchor_slots(packed.transpose(0, 2, 1), n_total, G, fill)  # (H, n, D·b/8)
+            self.t[f"{x}_a_sym"][b, :, :ng] = torch.from_numpy(a_host[x]).view(ng, H, D).transpose(0, 1).to(self.device)
+            self.t[f"{x}_d_sym"][b, :, :n_total] = torch.from_numpy(d_sym).to(self.device)
+            for name in ("a_scale", "d_scale"):
+                self.t[f"{x}_{name}"][b, :, :chunks] = state[f"{x}_{name}"].transpose(0, 1).to(self.device)
         nt = state["tail_k"].shape[1] if "tail_k" in state else 0
         if nt:
             for x in "kv":
