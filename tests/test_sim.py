@@ -213,6 +213,11 @@ def test_method_labels_and_profile_lookup():
     assert method_entry(prof, {**hack, "seed": 7, "backend": "reference"})[0] == "hack"
     with pytest.raises(HackError, match="no method with quant"):
         method_entry(prof, v1)
+    # a profile written before a field existed (here quant.operand) matches that field's default, nothing else
+    old = profile(hack=entry("hack", **{k: v for k, v in hack.items() if k not in ("name", "operand")}))
+    assert method_entry(old, hack)[0] == "hack"
+    with pytest.raises(HackError, match="no method with quant"):
+        method_entry(old, {**hack, "operand": "fp16"})
 
 
 def test_profile_fitted_to_measured_runs_recovers_costs_and_replays(tmp_path):

@@ -48,7 +48,8 @@ def _run_row(results: Path, path: Path, simulated_dir: bool) -> dict:
            "prefill_gpu": summary.get("prefill_gpu", cluster.get("prefill_gpu")),
            "decode_gpu": summary.get("decode_gpu", cluster.get("decode_gpu")),
            "card": summary.get("card") or summary.get("profile_card") or cluster.get("prefill_gpu"),
-           "measured_run": summary.get("measured_run")}  # a simulated twin's measured run (validation)
+           "measured_run": summary.get("measured_run"),  # a simulated twin's measured run (validation)
+           "profile": summary.get("profile")}  # the profile a validation twin was simulated with
     row.update({k: summary.get(k) for k in METRICS})
     return row
 
@@ -61,7 +62,7 @@ def load_runs(results: Path) -> pd.DataFrame:
             if not json.loads(path.read_text()).get("superseded_by"):
                 rows.append(_run_row(results, path, simulated))
     columns = ["bundle", "dir", "simulated", "method", "partition", "model", "trace", "rate", "bandwidth_gbps",
-               "budget_gb", "prefill_gpu", "decode_gpu", "card", "measured_run", *METRICS]
+               "budget_gb", "prefill_gpu", "decode_gpu", "card", "measured_run", "profile", *METRICS]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -132,13 +132,25 @@ def find_profile(model: str, path: Optional[str] = None, local: bool = False, di
     raise HackError(f"no {where} in {directory}: run `hack bench profile` (see results/profiles/README.md)")
 
 
+def _with_defaults(quant: dict) -> dict:
+    """A quant config with the fields its schema has gained since it was written (a profile's) at their defaults,
+    which are what the code did before the field existed."""
+    import dataclasses
+
+    from hack_cli.methods import quant_schema
+
+    schema = quant_schema(quant["name"])
+    known = {f.name for f in dataclasses.fields(schema)}
+    return {**dataclasses.asdict(schema(**{k: v for k, v in quant.items() if k in known})), **quant}
+
+
 def method_entry(profile: dict, quant: dict) -> tuple[str, dict]:
     """(label, entry) of the profiled method whose quant config equals `quant` (seed, backend and calibration
     data aside: they do not change the costs)."""
     ignore = ("seed", "backend", "calibration")
-    want = {k: v for k, v in quant.items() if k not in ignore}
+    want = {k: v for k, v in _with_defaults(quant).items() if k not in ignore}
     for label, entry in profile["methods"].items():
-        if {k: v for k, v in entry["quant"].items() if k not in ignore} == want:
+        if {k: v for k, v in _with_defaults(entry["quant"]).items() if k not in ignore} == want:
             return label, entry
     have = ", ".join(f"{k} ({e['quant']})" for k, e in profile["methods"].items())
     raise HackError(f"the profile of {profile['model']['name']} on {profile['card']} has no method with quant "

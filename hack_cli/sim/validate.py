@@ -27,7 +27,7 @@ def validation_table(results) -> pd.DataFrame:
     if real.empty or sim.empty:
         return pd.DataFrame(columns=[*KEYS, "measured_jct", "simulated_jct", "error"])
     cols = ["jct_mean", "jct_p99", "ttft_mean", "tpot_mean", *[f"{p}_mean" for p in PHASES]]
-    both = real[["dir"] + KEYS + cols].merge(sim[["measured_run", "card"] + cols], left_on="dir",
+    both = real[["dir"] + KEYS + cols].merge(sim[["measured_run", "card", "profile"] + cols], left_on="dir",
                                              right_on="measured_run", suffixes=("_real", "_sim"))
     both = both.rename(columns={"jct_mean_real": "measured_jct", "jct_mean_sim": "simulated_jct"})
     both["error"] = both["simulated_jct"] / both["measured_jct"] - 1
@@ -38,12 +38,16 @@ def to_markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return ("No measured run has a simulated twin yet: measured runs come from `hack bench jct` on 2 GPUs "
                 "(results/jct/), their twins from `python -m hack_cli.sim.validate` (results/sim/validation/).\n")
-    lines = ["| device | model | method | trace | rate | Gbit/s | budget GB | n | measured JCT (s) | simulated JCT (s) | "
-             "error | P99 meas/sim (s) | TTFT meas/sim (s) | TPOT meas/sim (ms) | within 10% |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| device | measured run (results/jct/) | profile of the twin | model | method | trace | rate | Gbit/s | "
+             "budget GB | n | measured JCT (s) | simulated JCT (s) | error | P99 meas/sim (s) | TTFT meas/sim (s) | "
+             "TPOT meas/sim (ms) | within 10% |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         ok = "yes" if abs(r["error"]) <= TOLERANCE else "**no**"
-        lines.append(f"| {r['card']} | {r['model']} | {r['method']} | {r['trace']} | {r['rate']} | {r['bandwidth_gbps']:g} | {r['budget_gb']:g} | "
+        run = r["dir"].removeprefix("jct/")
+        profile = f"`{Path(r['profile']).name}`" if isinstance(r["profile"], str) else "—"
+        lines.append(f"| {r['card']} | `{run}` | {profile} | {r['model']} | {r['method']} | {r['trace']} | {r['rate']} | "
+                     f"{r['bandwidth_gbps']:g} | {r['budget_gb']:g} | "
                      f"{int(r['num_requests'])} | {r['measured_jct']:.2f} | {r['simulated_jct']:.2f} | "
                      f"{100 * r['error']:+.1f}% | {r['jct_p99_real']:.2f} / {r['jct_p99_sim']:.2f} | "
                      f"{r['ttft_mean_real']:.2f} / {r['ttft_mean_sim']:.2f} | "
@@ -52,9 +56,10 @@ def to_markdown(table: pd.DataFrame) -> str:
     lines.append(f"\n{len(table)} pairs; largest |error| {100 * worst:.1f}% "
                  f"({'all' if worst <= TOLERANCE else 'not all'} within {100 * TOLERANCE:.0f}%).\n")
     lines += ["Where the difference comes from: mean seconds per request in each phase, measured / simulated.\n",
-              "| device | method | trace | rate | " + " | ".join(PHASES) + " |", "|---|---|---|---|" + "---|" * len(PHASES)]
+              "| device | measured run | method | trace | rate | " + " | ".join(PHASES) + " |",
+              "|---|---|---|---|---|" + "---|" * len(PHASES)]
     for _, r in table.iterrows():
-        lines.append(f"| {r['card']} | {r['method']} | {r['trace']} | {r['rate']} | " + " | ".join(
+        lines.append(f"| {r['card']} | `{r['dir'].removeprefix('jct/')}` | {r['method']} | {r['trace']} | {r['rate']} | " + " | ".join(
             f"{r[p + '_mean_real']:.3f} / {r[p + '_mean_sim']:.3f}" for p in PHASES) + " |")
     return "\n".join(lines) + "\n"
 
@@ -86,11 +91,11 @@ def simulate_twins(root: Path, pairs: list[tuple[str, Path]]) -> int:
     for prefix, profile_path in pairs:
         profile = load_profile(profile_path)
         for path in sorted((root / prefix).rglob("summary.json")):
-            count += _twin(root, path, profile)
+            count += _twin(root, path, profile, str(profile_path))
     return count
 
 
-def _twin(root: Path, path: Path, profile: dict) -> int:
+def _twin(root: Path, path: Path, profile: dict, profile_path: str) -> int:
     """The twin of the measured run whose summary is at `path` (0 if it is not a run of the profile's model)."""
     import json
 
@@ -117,7 +122,7 @@ def _twin(root: Path, path: Path, profile: dict) -> int:
     summary.update({k: real[k] for k in ("method", "model", "trace", "rate", "bandwidth_gbps",
                                          "decode_kv_budget_gb") if k in real},
                    method_label=label, profile_card=profile["card"], prefill_gpu=profile["card"],
-                   decode_gpu=profile["card"], measured_run=str(path.parent.relative_to(root)))
+                   decode_gpu=profile["card"], measured_run=str(path.parent.relative_to(root)), profile=profile_path)
     write_summary(out / "summary.json", summary)
     return 1
 
@@ -136,13 +141,13 @@ def main(argv=None) -> None:
     root = Path(a.results)
     pairs = [(x.split("=", 1)[0], Path(x.split("=", 1)[1])) for x in a.pair]
     print(f"simulated {simulate_twins(root, pairs)} measured runs")
-    paths = [p for _, p in pairs]
     results = Results.load(root)
     text = ("# Simulator validation: simulated vs measured mean JCT\n\nEach measured run of `results/jct/` (see its "
             "README for the card and the run's known issues) against its simulated twin: the same requests, "
-            "method, link and budget through the simulator with the profile of that model taken on the same kind "
-            f"of device ({', '.join(f'`{p}`' for p in paths)}), unscaled. Regenerate with "
-            "`python -m hack_cli.sim.validate`.\n\n" + to_markdown(validation_table(results)))
+            "method, link and budget through the simulator with a profile of that model taken on the same kind "
+            "of device (named per row, in `results/profiles/`), unscaled. Regenerate with "
+            "`python -m hack_cli.sim.validate --pair ...` (`results/sim/README.md` lists the pairs).\n\n"
+            + to_markdown(validation_table(results)))
     (root / "sim").mkdir(parents=True, exist_ok=True)
     (root / "sim" / "validation.md").write_text(text)
     print(text)
