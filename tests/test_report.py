@@ -147,3 +147,17 @@ def test_measured_runs_of_different_cards_are_never_averaged(tmp_path):
     assert "`jct/gpu_b`" in text and "| fp16 | 2.000 |" in text and "| fp16 | 1.500 |" not in text
     claim = next(line for line in text.splitlines() if "mean JCT 24.13" in line)
     assert "8.00 → 6.00 s (-25.0%, gpu_a/rates)" in claim and "16.00 → 12.00 s (-25.0%, gpu_b/rates)" in claim
+
+
+def test_partition_scores_use_only_tasks_measured_at_every_partition(tmp_path):
+    """A task run at Π=64 only (a hard one, score 0) must not pull Π=64's mean below the others'."""
+    import re
+
+    make_results(tmp_path / "results")
+    extra = tmp_path / "results" / "accuracy" / "hard"
+    extra.mkdir(parents=True)
+    (extra / "accuracy_table.csv").write_text("model,task,method,score,n,diff,ci95\nm,qb,fp16,40.0,20,,\n"
+                                              "m,qb,hack-channel-b2-p64,0.0,20,-40.0,5.0\n")
+    build(tmp_path / "results", tmp_path / "results" / "report")
+    text = (tmp_path / "results" / "report" / "REPORT.md").read_text()
+    assert re.search(r"\| 64 \| [\d.]+ \| 49\.0 \|", text) and re.search(r"\| 32 \| [\d.]+ \| 49\.5 \|", text)

@@ -203,6 +203,9 @@ class Report:
         sim = sim.assign(partition=sim["partition"].fillna(64).astype(int))
         points = sim.groupby("partition")["jct_mean"].mean().reset_index()
         points["partition"] = points["partition"].astype(int)
+        if not acc.empty:  # only tasks measured at every partition: a mean over different task sets says nothing
+            every = set(points["partition"])
+            acc = acc[acc.groupby(["source", "task"])["partition"].transform(lambda p: every <= set(p))]
         scores = acc.groupby("partition")["score"].mean() if not acc.empty else pd.Series(dtype=float)
         points["score"] = [f"{scores[p]:.1f}" if p in scores else "—" for p in points["partition"]]
         if acc.empty:
