@@ -15,6 +15,11 @@ over the whole head dim gives every group's partial product (the rows are paddin
 The probabilities used are the unnormalized exp2(s - m) of the online softmax: 8-bit quantization is invariant to
 a positive row scale (up to rounding), so the result is the reference's. Shapes: R query rows per KV head
 (padded to RP), D head dim, PI = Π tokens a block, G channel groups of C = D/G, DB = D·b/8 packed bytes a token.
+
+Channel layout with fp16 operands: one loop step may take NB consecutive closed blocks (NB·Π tokens, one online-
+softmax update; `blocks_per_iter`). Their codes are contiguous, so K is one (NB·Π, DB) tile and V one (D, NB·TB)
+tile of the blocks' bytes side by side. Block j's key scales ride in the dot's M axis: row (j, r) holds q_r ⊙ s^K_j,
+one dot against all NB·Π tokens, and row (j, r) keeps block j's columns. Blocks past the split's end are masked.
 """
 from __future__ import annotations
 
@@ -77,6 +82,50 @@ def _scores_channel(q, bb, KC, KMN, KSC, KSUM, RP: tl.constexpr, D: tl.constexpr
     else:
         s = s + tl.sum(q * (km + ks * Z)[None, :], axis=1)[:, None]  # + q·(m^K + s^K z)
     return s
+
+
+@triton.jit
+def _scores_channel_nb(q, bb, nv, KC, KMN, KSC, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr,
+                       NB: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Scores (RP, NB·PI) of q (RP, D) against the NB closed blocks bb .. bb + NB - 1, fp16 operands, K per channel
+    over each block; blocks from nv on are masked (-inf)."""
+    DB: tl.constexpr = D * BITS // 8
+    dd = tl.arange(0, D)
+    tt = tl.arange(0, NB * PI)  # token j·PI + t of block bb + j
+    jj = tl.arange(0, NB)
+    ee = tl.arange(0, DB)
+    kp = tl.load(KC + (bb * PI + tt[:, None]) * DB + ee[None, :], mask=tt[:, None] < nv * PI, other=0)  # (NB·PI, DB)
+    ks = tl.load(KSC + (bb + jj[:, None]) * D + dd[None, :], mask=jj[:, None] < nv, other=0.0).to(tl.float32)  # (NB, D)
+    km = tl.load(KMN + (bb + jj[:, None]) * D + dd[None, :], mask=jj[:, None] < nv, other=0.0).to(tl.float32)
+    a = tl.reshape(ks[:, None, :] * q[None, :, :], (NB * RP, D)).to(DT)  # row (j, r): q_r ⊙ s^K_j
+    dot = tl.reshape(dot_codes(a, kp, BITS, DT, ASM), (NB, RP, NB * PI))  # [j, r, t]: every token, block j's scales
+    qm = tl.sum(km[:, None, :] * q[None, :, :], axis=2)  # (NB, RP): q·m^K_j
+    own = jj[:, None, None] == (tt // PI)[None, None, :]  # (NB, 1, NB·PI): token t is in block j
+    s = tl.sum(tl.where(own, dot * 512.0 + qm[:, :, None], 0.0), axis=0)  # (RP, NB·PI); codes read as code·2^-9
+    return tl.where(tt[None, :] < nv * PI, s, -float("inf"))
+
+
+@triton.jit
+def _values_channel_nb(p, bb, nv, VC, VMN, VSC, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr,
+                       G: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Σ_t p_t V̂_t (RP, D) over the NB closed blocks bb .. bb + NB - 1 (p (RP, NB·PI) is 0 on blocks from nv on),
+    fp16 operands, V per token in channel groups: P̃ = P·s^V_t of each group g in the dot's M axis."""
+    C: tl.constexpr = D // G
+    TB: tl.constexpr = PI * BITS // 8
+    dd = tl.arange(0, D)
+    tt = tl.arange(0, NB * PI)
+    gg = tl.arange(0, G)
+    cc = tl.arange(0, NB * TB)  # byte e of block j at column j·TB + e: its codes are tokens j·PI + e·8/BITS + i
+    ok = tt[None, :] < nv * PI
+    vsc = tl.load(VSC + (bb * PI + tt[None, :]) * G + gg[:, None], mask=ok, other=0.0).to(tl.float32)  # (G, NB·PI)
+    vmn = tl.load(VMN + (bb * PI + tt[None, :]) * G + gg[:, None], mask=ok, other=0.0).to(tl.float32)
+    vp = tl.load(VC + ((bb + cc[None, :] // TB) * D + dd[:, None]) * TB + cc[None, :] % TB,
+                 mask=cc[None, :] // TB < nv, other=0)  # (D, NB·TB) packed codes
+    pv = tl.reshape(p[None, :, :] * vsc[:, None, :], (G * RP, NB * PI)).to(DT)  # P̃: row (g, r), rounded to fp16
+    o = tl.reshape(dot_codes(pv, vp, BITS, DT, ASM), (G, RP, D)) * 512.0
+    o = o + tl.sum(p[None, :, :] * vmn[:, None, :], axis=2)[:, :, None]  # + Σ_t P_t m^V_t: (G, RP, D)
+    own = (dd[None, None, :] // C) == gg[:, None, None]  # (G, 1, D): channel d belongs to group g
+    return tl.sum(tl.where(own, o, 0.0), axis=0)
 
 
 @triton.jit
@@ -202,7 +251,7 @@ def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NC
                    H, NBMAX, S, BPS, NSPLIT,
                    R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr, G: tl.constexpr,
                    BITS: tl.constexpr, SP: tl.constexpr, LAYOUT: tl.constexpr, OPER: tl.constexpr,
-                   DT: tl.constexpr, TDT: tl.constexpr, ASM: tl.constexpr):
+                   DT: tl.constexpr, TDT: tl.constexpr, ASM: tl.constexpr, NB: tl.constexpr):
     pid = tl.program_id(0)  # b·H + h
     split = tl.program_id(1)
     b = pid // H
@@ -231,14 +280,18 @@ def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NC
     if split < NSPLIT:
         lo = split * BPS
         hi = tl.minimum(lo + BPS, nc)
-        for blk in range(lo, hi):
+        for blk in range(lo, hi, NB):  # BPS is a multiple of NB
             bb = pid.to(tl.int64) * NBMAX + blk
-            if LAYOUT == 0:
+            if NB > 1:  # channel layout, fp16 operands: blocks blk .. blk + NB - 1, those from hi on masked
+                s = _scores_channel_nb(q, bb, hi - blk, KC, KMN, KSC, RP, D, PI, NB, BITS, DT, ASM)
+            elif LAYOUT == 0:
                 s = _scores_channel(q, bb, KC, KMN, KSC, KSUM, RP, D, PI, G, BITS, OPER, DT, ASM)
             else:
                 s = _scores_token(a, qsc, qmn, qsum, qsumx, bb, KC, KMN, KSC, KSUM, RP, D, PI, G, BITS, OPER, DT, ASM)
             m_i, l_i, acc, p = _online(s, m_i, l_i, acc)
-            if LAYOUT == 0:
+            if NB > 1:
+                acc += _values_channel_nb(p, bb, hi - blk, VC, VMN, VSC, RP, D, PI, G, NB, BITS, DT, ASM)
+            elif LAYOUT == 0:
                 acc += _values_channel(p, bb, VC, VMN, VSC, VSUM, RP, D, PI, G, BITS, OPER, DT, ASM)
             else:
                 acc += _values_token(p, bb, VC, VMN, VSC, VSUM, RP, D, PI, BITS, OPER, DT, ASM)
@@ -340,26 +393,47 @@ def plan_splits(programs: int, max_blocks: int, device, waves: float = 4) -> tup
     return -(-max_blocks // per), per
 
 
+def blocks_per_iter_default(layout: str, operand: str, partition: int, bits: int) -> int:
+    """NB of `hack_decode`: 2 for 2-bit Π = 64 (channel layout, fp16 operands), 1 elsewhere. Measured on an H100
+    (results/kernels/nb_h100_2026-11-27.txt): at 2-bit Π = 64 NB = 2 is 1.00–1.20× NB = 1 and NB = 4 slower; at
+    4 bits NB = 2 is 0.92–1.11× (mixed) and at Π = 128 0.3–0.7× (the stacked K dot's output, (NB·RP, NB·Π), grows
+    as NB²). Π = 32 was not timed."""
+    if layout != "channel" or operand != "fp16":
+        return 1
+    return 2 if (partition, bits) == (64, 2) else 1
+
+
 def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int8", max_blocks: int | None = None,
                 splits: int | None = None, num_warps: int = 2, num_stages: int = 3, maxnreg: int | None = None,
-                waves: float | None = None) -> torch.Tensor:
+                waves: float | None = None, blocks_per_iter: int | None = None) -> torch.Tensor:
     """Decode attention of q (B, Hq, D) (one new token per sequence) over kv -> (B, Hq, D) in q's dtype.
 
     max_blocks: max over sequences of n_closed (pass it to avoid a device sync). num_warps=2 measured fastest on
     H100 (kernels/NOTES.md); waves: target programs per SM when choosing the number of splits (measured best: 4
-    for few (sequence, head) pairs, 8 for many).
+    for few (sequence, head) pairs, 8 for many). blocks_per_iter: NB closed blocks per loop step (1, 2 or 4; None:
+    `blocks_per_iter_default`); only the channel layout with fp16 operands takes NB > 1, the others run NB = 1.
     """
     B, Hq, D = q.shape
     H = kv.k_codes.shape[1]
     R, G, P = Hq // H, kv.groups, kv.partition
     layout = 0 if kv.layout == "channel" else 1
-    RP = max(pow2(R), 16 // G) if layout == 0 else max(pow2(R), 16)
     oper, dt = dot_dtypes(operand)
+    nb = blocks_per_iter or blocks_per_iter_default(kv.layout, operand, P, kv.bits)
+    if nb not in (1, 2, 4):
+        raise ValueError(f"blocks_per_iter must be 1, 2 or 4, got {nb}")
+    if layout != 0 or oper != 2:
+        nb = 1
+    RP = max(pow2(R), 16 // G) if layout == 0 else max(pow2(R), 16)
+    if nb > 1:
+        RP = max(RP, 16 // nb)  # the stacked K rows (NB·RP) fill a 16-row dot
     if max_blocks is None:
         max_blocks = int(kv.n_closed.max())
     waves = waves or (4 if B * H < 32 else 8)
     nsplit, per = (plan_splits(B * H, max_blocks, q.device, waves) if splits is None
                    else (splits, -(-max_blocks // splits)))
+    if nb > 1:  # whole steps of NB blocks a split
+        per = max(nb, -(-per // nb) * nb)
+        nsplit = max(1, -(-max_blocks // per))
     qs = (q.float() * (scaling * LOG2E)).contiguous()  # (B, Hq, D): base-2 logits
     po = torch.empty(B * H, nsplit + 1, R, D, device=q.device, dtype=torch.float32)
     pm = torch.empty(B * H, nsplit + 1, R, device=q.device, dtype=torch.float32)
@@ -370,7 +444,7 @@ def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int
         kv.sink_k, kv.sink_v, kv.open_k, kv.open_v, kv.n_closed, kv.fill, kv.sink_fill, po, pm, pl,
         H, kv.k_codes.shape[2], S, per, nsplit,
         R=R, RP=RP, D=D, PI=P, G=G, BITS=kv.bits, SP=max(16, pow2(S)), LAYOUT=layout, OPER=oper, DT=dt,
-        TDT=tail_dot_dtype(kv.sink_k), ASM=not interpreting(), num_warps=num_warps, num_stages=num_stages,
+        TDT=tail_dot_dtype(kv.sink_k), ASM=not interpreting(), NB=nb, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
     _combine_kernel[(B * H,)](po, pm, pl, out, nsplit + 1, R=R, RP=pow2(R), D=D, num_warps=4)

@@ -54,13 +54,16 @@ def main(argv=None) -> None:
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--partition", type=int, default=64)
     p.add_argument("--rows", type=int, default=4, help="query heads per KV head")
+    p.add_argument("--blocks-per-iter", type=int, default=1, help="NB (channel layout, fp16 operands only)")
     a = p.parse_args(argv)
     D = 128
     G = D // min(a.partition, D)
     oper, dt = {"int8": (0, tl.int8), "fp8": (1, tl.float8e4nv), "fp16": (2, tl.float16)}[a.operand]
     rp = max(a.rows, 16 // G) if a.layout == "channel" else max(a.rows, 16)
+    rp = max(rp, 16 // a.blocks_per_iter)
     consts = dict(R=a.rows, RP=rp, D=D, PI=a.partition, G=G, BITS=a.bits, SP=16, LAYOUT=int(a.layout == "token"),
-                  OPER=oper, DT=dt, TDT=tl.bfloat16, ASM=True)
+                  OPER=oper, DT=dt, TDT=tl.bfloat16, ASM=True,
+                  NB=a.blocks_per_iter)
     sig = {n: "*fp32" for n in "Q PO PM PL".split()}
     sig.update({n: "*u8" for n in "KC VC KSUM VSUM".split()}, **{n: "*fp16" for n in "KMN KSC VMN VSC".split()})
     sig.update({n: "*bf16" for n in "SK SV OK OV".split()}, **{n: "*i32" for n in "NCL FILL SFILL".split()})

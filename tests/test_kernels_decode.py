@@ -98,6 +98,22 @@ def test_float_operands_close_to_exact(device, layout):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nb", [1, 2, 4])
+@pytest.mark.parametrize("bits,q_heads,partition,head_dim", [(2, 8, 32, 64), (4, 2, 32, 128), (2, 4, 32, 64)])
+def test_blocks_per_iter(device, nb, bits, q_heads, partition, head_dim):
+    """Channel layout, fp16 operands, NB closed blocks a loop step: GQA R = 4, 1, 2 (R = 1 with G = 4 pads the rows
+    for the stacked K dot), ragged n_closed (7, 3, 0) not a multiple of NB, sinks and open blocks, several splits
+    (blocks past a split's end masked in its last step): as close to exact attention over K̂/V̂ as NB = 1."""
+    P = partition
+    layer, q = make_store(device, "channel", bits, P, head_dim, q_heads=q_heads, lengths=(4 + 7 * P + 5, 4 + 3 * P + 1,
+                          P), operand="fp16")
+    kv = from_layer(layer)
+    assert kv.n_closed.tolist() == [7, 3, 0]
+    out = hack_decode(kv, q[:, :, 0], SCALING, operand="fp16", splits=3, blocks_per_iter=nb)
+    assert torch.isfinite(out).all() and rel(out, exact_attention(layer, q)) < 2e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_only_sinks_and_open_block(device):
     """Sequences shorter than the sinks plus one block have no closed block: the 16-bit segment alone."""
     layer, q = make_store(device, lengths=(3, 20))
