@@ -1,7 +1,10 @@
 """The JCT simulator: GPU catalog, roofline scaling, discrete-event engine invariants."""
+import argparse
 import dataclasses
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,8 +210,9 @@ def test_method_labels_and_profile_lookup():
 
     hack = dataclasses.asdict(quant_schema("hack")())
     v1 = {**hack, "layout": "token", "quantized_prefill": True}
-    assert [method_label(q) for q in (hack, v1, {**hack, "partition": 32}, {"name": "kivi"})] == \
-        ["hack", "hack_v1", "hack_p32", "kivi"]
+    assert [method_label(q) for q in (hack, v1, {**hack, "partition": 32}, {"name": "kivi"},
+                                      {**hack, "operand": "fp16"}, {**hack, "partition": 32, "operand": "fp8"})] == \
+        ["hack", "hack_v1", "hack_p32", "kivi", "hack_fp16dot", "hack_p32_fp8dot"]
     prof = profile(hack=entry("hack", **{k: v for k, v in hack.items() if k != "name"}))
     assert method_entry(prof, {**hack, "seed": 7, "backend": "reference"})[0] == "hack"
     with pytest.raises(HackError, match="no method with quant"):
@@ -224,7 +228,9 @@ def test_profile_fitted_to_measured_runs_recovers_costs_and_replays(tmp_path):
     """`sim.fit_runs`: per-request phases and every decode iteration of a run -> the profile's phase models."""
     import csv
 
+    from hack_cli.methods import quant_schema
     from hack_cli.sim.fit_runs import build
+    from hack_cli.sim.profile import method_entry
 
     run = tmp_path / "hack_r0.3_bw10_n6"
     run.mkdir()
@@ -241,8 +247,14 @@ def test_profile_fitted_to_measured_runs_recovers_costs_and_replays(tmp_path):
         f.write("start_s,batch,context_tokens,step_s\n")
         for i, (b, c) in enumerate([(1, 15000), (2, 30000), (4, 61000), (6, 90000), (3, 47000)]):
             f.write(f"{i},{b},{c},{0.03 + 0.01 * b + 1e-7 * c}\n")
-    prof = build("llama31_8b", "h100", "NVIDIA H100 80GB HBM3", [run])
-    assert prof["model"]["weight_bytes"] == 16_060_522_496 and list(prof["methods"]) == ["hack"]
+    fp16dot = tmp_path / "hack-operand-fp16_r0.3_bw10_n6"  # the same records, run with another quant config
+    shutil.copytree(run, fp16dot)
+    (fp16dot / "summary.json").write_text(json.dumps({"method": "hack", "quant": {
+        **dataclasses.asdict(quant_schema("hack")()), "operand": "fp16"}}))
+    prof = build("llama31_8b", "h100", "NVIDIA H100 80GB HBM3", [run, fp16dot])
+    assert prof["model"]["weight_bytes"] == 16_060_522_496 and list(prof["methods"]) == ["hack", "hack_fp16dot"]
+    assert prof["methods"]["hack"]["quant"]["operand"] == "int8"  # a run without `quant`: the method's defaults
+    assert method_entry(prof, {**prof["methods"]["hack"]["quant"], "operand": "fp16"})[0] == "hack_fp16dot"
     e = prof["methods"]["hack"]
     assert e["quant"]["name"] == "hack" and len(e["points"]["prompt"]) == 4
     assert e["phases"]["decode"]["coef"] == pytest.approx([0.03, 0.01, 1e-7], rel=1e-3)
@@ -251,3 +263,34 @@ def test_profile_fitted_to_measured_runs_recovers_costs_and_replays(tmp_path):
     recs = simulate([Request(i, 2.0 * i, 8000, 16) for i in range(4)], costs(prof, "hack"), 40e9, warmup=0)
     assert recs[0].payload_bytes == 21_000 * 8000
     assert recs[0].phase("prefill") == pytest.approx(0.05 + 3e-5 * 8000 + 1e-9 * 8000**2, rel=1e-3)
+
+
+def test_bench_gpu_runs_name_their_quant_overrides(tmp_path):
+    """`bench_gpu --run hack,operand=fp16:...`: the override reaches the quant config and the run's folder name;
+    a malformed run is a one-line error."""
+    from hack_cli.serve.bench_gpu import build_specs, main
+
+    p = dict(model="tiny", weights=None, dtype=None, cluster="local", budget_gb=None, trace="small", warmup=1,
+             stall_timeout_s=5.0, chunk_mb=1.0, seed=0, out=str(tmp_path))
+    specs = build_specs(argparse.Namespace(**p, run=["hack,operand=fp16,partition=32:0.5:10:4", "fp16:0.5:10:4"]))
+    assert (specs[0].quant.operand, specs[0].quant.partition, specs[1].quant.name) == ("fp16", 32, "fp16")
+    assert [Path(s.run_dir).name for s in specs] == ["hack-operand-fp16-partition-32_r0.5_bw10_n4", "fp16_r0.5_bw10_n4"]
+    with pytest.raises(HackError, match="METHOD\\[,FIELD=VALUE...\\]"):
+        main(["--run", "hack,operand:0.5:10:4"])
+
+
+def test_decode_fit_of_runs_keeps_the_rare_slow_steps(tmp_path):
+    """Steps that close a block (one in 64 here, 8x a plain step) are real decode time: the profile fitted to a run
+    predicts its mean step, where a fit of relative error would predict the plain steps."""
+    from hack_cli.sim.fit_runs import decode_points
+    from hack_cli.sim.profile import feature_matrix, fit
+
+    steps = tmp_path / "steps.csv"
+    rows = [(b, 15000 * b, (0.08 if i % 64 == 0 else 0.01) + 0.001 * b) for i in range(2048) for b in (1 + i % 3,)]
+    steps.write_text("start_s,batch,context_tokens,step_s\n" + "".join(f"{i},{b},{c},{s}\n"
+                                                                      for i, (b, c, s) in enumerate(rows)))
+    points = decode_points(tmp_path)
+    mean = np.mean([p["decode"] for p in points])
+    predict = lambda f: float(np.mean(feature_matrix(f["features"], points) @ np.array(f["coef"])))
+    assert predict(fit("decode", points, relative=False)) == pytest.approx(mean, rel=0.01)
+    assert predict(fit("decode", points)) < 0.95 * mean  # the relative fit: the plain steps only

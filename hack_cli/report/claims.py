@@ -75,10 +75,15 @@ def artifact(metric: str, scale: float = 1.0, unit: str = "s") -> Callable[[Resu
         df = r.select(False, trace="long", rate=0.3, bandwidth_gbps=10.0)
         out = []
         for folder, runs in df.groupby(df["dir"].map(lambda d: str(Path(d).parent))):
-            f, h = runs[runs["method"] == "fp16"], runs[runs["method"] == "hack"]
-            if len(f) == 1 and len(h) == 1 and pd.notna(f[metric].iloc[0]) and pd.notna(h[metric].iloc[0]):
-                a, b = float(f[metric].iloc[0]) * scale, float(h[metric].iloc[0]) * scale
-                out.append(f"{a:.2f} → {b:.2f} {unit} ({100 * (b / a - 1):+.1f}%, {folder.removeprefix('jct/')})")
+            f = runs[runs["method"] == "fp16"]
+            for label in sorted(m for m in runs["method"].unique() if m == "hack" or m.startswith("hack_p")
+                                or m.startswith("hack_fp")):  # HACK's artifact layout, any Π or dot operand
+                h = runs[runs["method"] == label]
+                if len(f) == 1 and len(h) == 1 and pd.notna(f[metric].iloc[0]) and pd.notna(h[metric].iloc[0]):
+                    a, b = float(f[metric].iloc[0]) * scale, float(h[metric].iloc[0]) * scale
+                    name = "" if label == "hack" else f"{label}, "
+                    out.append(f"{a:.2f} → {b:.2f} {unit} ({100 * (b / a - 1):+.1f}%, {name}"
+                               f"{folder.removeprefix('jct/')})")
         return "; ".join(out) or None
     return ours
 

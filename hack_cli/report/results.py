@@ -24,7 +24,7 @@ METRICS = ("jct_mean", "jct_p50", "jct_p99", "ttft_mean", "tpot_mean", "queue_pr
            "bytes_sent_per_request", "payload_bytes", "peak_decode_kv_bytes", "peak_decode_kv_stored_bytes",
            "peak_concurrency", "num_requests", "num_measured")
 PHASES = ("queue_prefill", "prefill", "compress", "queue_link", "transfer", "queue_decode", "install", "decode")
-METHOD_ORDER = ("fp16", "fp8", "kivi", "kvquant", "cachegen", "hack_p32", "hack", "hack_p128", "hack_v1")
+METHOD_ORDER = ("fp16", "fp8", "kivi", "kvquant", "cachegen", "hack_p32", "hack", "hack_fp16dot", "hack_p128", "hack_v1")
 
 
 def method_key(label: str) -> tuple:
@@ -35,7 +35,7 @@ def _run_row(results: Path, path: Path, simulated_dir: bool) -> dict:
     summary = json.loads(path.read_text())
     config_path = path.parent / "config.yaml"
     cfg = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    quant = cfg.get("quant") or {"name": summary.get("method")}
+    quant = cfg.get("quant") or summary.get("quant") or {"name": summary.get("method")}
     cluster, trace, model = cfg.get("cluster") or {}, cfg.get("trace") or {}, cfg.get("model") or {}
     rel = path.parent.relative_to(results)
     simulated = bool(summary.get("simulated", simulated_dir))

@@ -5,9 +5,10 @@ For machines without hydra-core (GPU boxes); it needs only omegaconf to read the
     python -m hack_cli.serve.bench_gpu --model llama31_8b --weights random --dtype bfloat16 --cluster gpu2 \
         --trace long --run fp16:0.3:10:6 --run hack:0.3:10:6 --out runs/jct_gpu
 
-Each `--run METHOD:RATE:BANDWIDTH_GBPS:NUM_REQUESTS` is one run of the trace preset at that rate and link speed
-(the first NUM_REQUESTS requests of the seeded trace, `--warmup` of them excluded). Results go to
-<out>/<method>_r<rate>_bw<bandwidth>_n<N>/{per_request.csv,summary.json} and <out>/sweep.csv.
+Each `--run METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS` is one run of the trace preset at that rate
+and link speed (the first NUM_REQUESTS requests of the seeded trace, `--warmup` of them excluded), the method's
+`conf/quant` fields overridden as given (`hack,operand=fp16:0.3:10:24`). Results go to
+<out>/<method>[-FIELD-VALUE...]_r<rate>_bw<bandwidth>_n<N>/{per_request.csv,summary.json} and <out>/sweep.csv.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def build_specs(args) -> list:
     from hack_cli.serve.bench import JctConfig
     from hack_cli.serve.workers import ServeSpec
 
+    import yaml
     from omegaconf import OmegaConf
 
     model_over = {k: v for k, v in (("weights", args.weights), ("dtype", args.dtype)) if v}
@@ -53,9 +55,12 @@ def build_specs(args) -> list:
         try:
             method, rate, bw, n = item.split(":")
             rate, bw, n = float(rate), float(bw), int(n)
+            method, *fields = method.split(",")
+            override = {k: yaml.safe_load(v) for k, v in (f.split("=") for f in fields)}
         except ValueError:
-            raise HackError(f"--run {item!r}: expected METHOD:RATE:BANDWIDTH_GBPS:NUM_REQUESTS") from None
-        root = OmegaConf.create({"model": model_node, "quant": conf("quant", method)})
+            raise HackError(f"--run {item!r}: expected METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS") \
+                from None
+        root = OmegaConf.create({"model": model_node, "quant": conf("quant", method, **override)})
         OmegaConf.resolve(root)  # e.g. kvquant's calibration path names ${model.name}
         qnode = root.quant
         quant = to_typed("quant", quant_schema(qnode.get("name")), qnode)
@@ -64,7 +69,8 @@ def build_specs(args) -> list:
                                                              if args.budget_gb else {})))
         trace = to_typed("trace", TraceConfig, conf("trace", args.trace, rate=rate, num_requests=n,
                                                     warmup=min(args.warmup, n - 1)))
-        run_dir = Path(args.out) / f"{method}_r{rate:g}_bw{bw:g}_n{n}"
+        name = "-".join([method, *(f"{k}-{v}" for k, v in override.items())])
+        run_dir = Path(args.out) / f"{name}_r{rate:g}_bw{bw:g}_n{n}"
         specs.append(ServeSpec(model=model, quant=quant, cluster=cluster, trace=trace, jct=jct,
                                run_dir=str(run_dir), seed=args.seed))
     return specs

@@ -59,13 +59,16 @@ class ProfileConfig:
 
 
 def method_label(quant: dict) -> str:
-    """fp16, kivi, ...; HACK: `hack` (artifact layout, Π=64), `hack_v1` (token layout), `hack_p32` (other Π)."""
+    """fp16, kivi, ...; HACK: `hack` (artifact layout, Π=64), `hack_v1` (token layout), `hack_p32` (other Π),
+    `hack_fp16dot` (decode kernel operands other than the paper's int8)."""
     name = quant.get("name") or "?"
     if name != "hack":
         return name
     label = "hack_v1" if quant.get("layout") == "token" else "hack"
     partition = quant.get("partition", 64)
-    return label if partition in (None, 64) else f"{label}_p{partition}"
+    label = label if partition in (None, 64) else f"{label}_p{partition}"
+    operand = quant.get("operand", "int8")
+    return label if operand == "int8" else f"{label}_{operand}dot"
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -75,13 +78,15 @@ def feature_matrix(features, rows: list[dict]) -> np.ndarray:
     return np.array([[value[f](r) for f in features] for r in rows], dtype=float)
 
 
-def fit(phase: str, rows: list[dict]) -> dict:
-    """Non-negative least squares of `phase` times over its features, weighted to fit relative error."""
+def fit(phase: str, rows: list[dict], relative: bool = True) -> dict:
+    """Non-negative least squares of `phase` times over its features, weighted to fit relative error (short
+    prompts matter as much as long ones), or unweighted (`relative=False`: the mean, where rare slow points are
+    real cost, e.g. the decode steps that close a block)."""
     from scipy.optimize import nnls
 
     features = PHASE_FEATURES[phase]
     X, y = feature_matrix(features, rows), np.array([r[phase] for r in rows], dtype=float)
-    w = 1.0 / np.maximum(y, 1e-9)  # relative error: short prompts matter as much as long ones
+    w = 1.0 / np.maximum(y, 1e-9) if relative else np.ones_like(y)
     coef, _ = nnls(X * w[:, None], y * w)
     pred = X @ coef
     return {"features": list(features), "coef": [float(c) for c in coef],

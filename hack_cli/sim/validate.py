@@ -110,10 +110,12 @@ def _twin(root: Path, path: Path, profile: dict, profile_path: str) -> int:
     if real.get("simulated") or not csv_path.exists() or real.get("model") != profile["model"]["name"]:
         return 0
     records = read_per_request_csv(csv_path)
-    quant_file = REPO / "conf" / "quant" / f"{real['method']}.yaml"
-    quant = yaml.safe_load(quant_file.read_text()) if quant_file.exists() else {"name": real["method"]}
-    quant = {k: v for k, v in quant.items() if not (isinstance(v, str) and "${" in v)}  # Hydra-only values
-    quant = dataclasses.asdict(quant_schema(quant["name"])(**quant))
+    quant = real.get("quant")  # runs from before summaries kept it ran the method's conf/quant defaults
+    if quant is None:
+        quant_file = REPO / "conf" / "quant" / f"{real['method']}.yaml"
+        quant = yaml.safe_load(quant_file.read_text()) if quant_file.exists() else {"name": real["method"]}
+        quant = {k: v for k, v in quant.items() if not (isinstance(v, str) and "${" in v)}  # Hydra-only values
+        quant = dataclasses.asdict(quant_schema(quant["name"])(**quant))
     label, sim = replay(records, profile, quant, real["bandwidth_gbps"], real["decode_kv_budget_gb"])
     out = root / "sim" / "validation" / path.parent.relative_to(root / "jct")
     out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,11 @@
 # PART=rates: the long preset (24 requests, 3 warm-up) at 0.3 and 0.6 req/s over 10 Gbps, fp16 and HACK.
 # PART=cachegen: CacheGen at 0.3 req/s (its CPU entropy coder takes ~60 s a request at 8B/15K: see README §2e).
 # PART=bandwidth: 8 requests (1 warm-up) at 0.3 req/s over 25, 50 and 100 Gbps, and 6 over 1 Gbps.
+# PART=fp16dot: the long preset at 10 Gbps: HACK with fp16 dot operands (quant.operand=fp16) and fp16 at 0.3 and
+#   0.45 req/s, then KIVI (graph engine) at 0.3.
+# PART=short: the short preset (40 requests, 3 warm-up) at 10 Gbps: fp16 and HACK (fp16 operands) at 0.75 and 0.5
+#   req/s, then CacheGen (10 requests) at 0.25 and KIVI at 0.5.
+# PART=baselines: the short preset at 10 Gbps: KIVI at 0.75 and 0.5 req/s, CacheGen (10 requests) at 0.5.
 # Needs omegaconf (the device machines lack it): wheels in .whl/ are installed to /tmp/site first.
 set -o pipefail
 source results/jct/gpu_env.sh
@@ -13,6 +18,17 @@ case ${PART:-rates} in
   rates)
     timeout ${MAIN_TIMEOUT:-560} python3 -m hack_cli.serve.bench_gpu $COMMON --warmup 3 --out $OUT_DIR/rates \
       --run hack:0.6:10:24 --run fp16:0.6:10:24 --run hack:0.3:10:24 --run fp16:0.3:10:24 ;;
+  fp16dot)
+    timeout ${MAIN_TIMEOUT:-560} python3 -m hack_cli.serve.bench_gpu $COMMON --warmup 3 --out $OUT_DIR/fp16dot \
+      --run hack,operand=fp16:0.3:10:24 --run fp16:0.3:10:24 --run hack,operand=fp16:0.45:10:24 \
+      --run fp16:0.45:10:24 --run kivi:0.3:10:24 ;;
+  short)
+    timeout ${MAIN_TIMEOUT:-560} python3 -m hack_cli.serve.bench_gpu ${COMMON/long/short} --warmup 3 \
+      --out $OUT_DIR/short --run fp16:0.75:10:40 --run hack,operand=fp16:0.75:10:40 --run fp16:0.5:10:40 \
+      --run hack,operand=fp16:0.5:10:40 --run cachegen:0.25:10:10 --run kivi:0.5:10:40 ;;
+  baselines)
+    timeout ${MAIN_TIMEOUT:-560} python3 -m hack_cli.serve.bench_gpu ${COMMON/long/short} --warmup 3 \
+      --out $OUT_DIR/baselines --run kivi:0.75:10:40 --run kivi:0.5:10:40 --run cachegen:0.5:10:10 ;;
   cachegen)
     timeout ${MAIN_TIMEOUT:-580} python3 -m hack_cli.serve.bench_gpu $COMMON --warmup 3 --out $OUT_DIR/rates \
       --run cachegen:0.3:10:24 ;;
