@@ -108,71 +108,78 @@ def test_buckets():
 
 
 def test_hack_slots_follow_the_store():
-    """Slot 1 of HackSlots vs a one-sequence HackLayerKV fed the same K/V: attention equal at every step but the
-    one that fills a block, stored tensors bit-identical after every step (two blocks close on the way)."""
-    H, Hq, D, P = 2, 4, 32, 32
+    """Slot 1 of two-layer HackSlots vs one-sequence HackLayerKVs fed the same K/V (other values per layer):
+    attention equal at every step but the one that fills a block, stored tensors bit-identical after every step in
+    every layer (two blocks close on the way, all layers' at once)."""
+    H, Hq, D, P, L = 2, 4, 32, 32, 2
     method = make_method("hack", partition=P, backend="triton")
-    slots = HackSlots(method, 1, 3, 160, H, D, "cpu", torch.float32)
-    store = method.new_layer(0, 1, 1, H, D, "cpu", torch.float32)
+    slots = HackSlots(method, L, 3, 160, H, D, "cpu", torch.float32)
+    stores = [method.new_layer(i, L, 1, H, D, "cpu", torch.float32) for i in range(L)]
     g = torch.Generator().manual_seed(0)
-    kv = lambda n: [torch.randn(1, H, n, D, generator=g) * 2 + 1 for _ in "kv"]  # noqa: E731
-    store.append(*kv(50))  # 4 sinks, 1 block, 14 open
-    slots.install(1, [store.export_seq(0)], 50 + 60)
+    kv = lambda n, i: [torch.randn(1, H, n, D, generator=g) * (2 + i) + 1 for _ in "kv"]  # noqa: E731
+    for i, store in enumerate(stores):
+        store.append(*kv(50, i))  # 4 sinks, 1 block, 14 open
+    slots.install(1, [store.export_seq(0) for store in stores], 50 + 60)
     for step in range(60):
-        k, v = kv(1)
-        q = torch.randn(1, Hq, 1, D, generator=g)
         slots.prepare({1: (0, 50 + step)})
-        slots.append(0, torch.cat([k, k, k]), torch.cat([v, v, v]))  # slots 0 and 2 idle
-        got = slots.attend(0, torch.cat([q, q, q]), D**-0.5)  # (3, Hq, 1, D)
-        fills = int(store.fill[0]) + 1 == P
-        store.append(k, v)
-        assert got[0].abs().max() == 0 and got[2].abs().max() == 0  # idle slots attend nothing
-        if not fills:
-            torch.testing.assert_close(got[1:2], store.attend(q, D**-0.5), atol=1e-5, rtol=1e-5)
+        for i, store in enumerate(stores):
+            k, v = kv(1, i)
+            q = torch.randn(1, Hq, 1, D, generator=g)
+            slots.append(i, torch.cat([k, k, k]), torch.cat([v, v, v]))  # slots 0 and 2 idle
+            got = slots.attend(i, torch.cat([q, q, q]), D**-0.5)  # (3, Hq, 1, D)
+            fills = int(store.fill[0]) + 1 == P
+            store.append(k, v)
+            assert got[0].abs().max() == 0 and got[2].abs().max() == 0  # idle slots attend nothing
+            if not fills:
+                torch.testing.assert_close(got[1:2], store.attend(q, D**-0.5), atol=1e-5, rtol=1e-5)
         slots.advance(1)
         slots._sync(1)
-        layer = slots.layers[0]
-        assert (int(layer.n_closed[1]), int(layer.fill[1])) == (int(store.n_closed[0]), int(store.fill[0]))
-        nc = int(store.n_closed[0])
-        for name, t in store.blocks.items():
-            assert torch.equal(layer.blocks[name][1, :, :nc], t[0, :, :nc]), name
-        fill = int(store.fill[0])
-        for x in "kv":
-            assert torch.equal(layer.open[x][1, :, :fill], store.open[x][0, :, :fill])
-    assert int(store.n_closed[0]) == 3  # 14 + 60 open tokens: two blocks closed during the decode
-    assert slots.stored_bytes(1) == store.stored_bytes().total
+        for layer, store in zip(slots.layers, stores):
+            assert (int(layer.n_closed[1]), int(layer.fill[1])) == (int(store.n_closed[0]), int(store.fill[0]))
+            nc = int(store.n_closed[0])
+            for name, t in store.blocks.items():
+                assert torch.equal(layer.blocks[name][1, :, :nc], t[0, :, :nc]), name
+            fill = int(store.fill[0])
+            for x in "kv":
+                assert torch.equal(layer.open[x][1, :, :fill], store.open[x][0, :, :fill])
+                assert layer.open[x][1, :, fill:].abs().max() == 0  # a closed block leaves zeros behind
+    assert int(stores[0].n_closed[0]) == 3  # 14 + 60 open tokens: two blocks closed during the decode
+    assert slots.stored_bytes(1) == sum(store.stored_bytes().total for store in stores)
 
 
 def test_kivi_slots_follow_the_store():
-    """Slot 1 of KiviSlots vs a one-sequence KiviLayerKV fed the same K/V: attention equal at every step (the
-    kernel's fp16 rounding of K̂/V̂ aside), stored tensors bit-identical after every step (two flushes on the way)."""
-    H, Hq, D, G, R = 2, 4, 32, 32, 32
+    """Slot 1 of two-layer KiviSlots vs one-sequence KiviLayerKVs fed the same K/V (other values per layer):
+    attention equal at every step (the kernel's fp16 rounding of K̂/V̂ aside), stored tensors bit-identical after
+    every step in every layer (two flushes on the way, all layers' at once)."""
+    H, Hq, D, G, R, L = 2, 4, 32, 32, 32, 2
     method = make_method("kivi", partition=G, residual=R)
-    slots = KiviSlots(method, 1, 3, 120, H, D, "cpu", torch.float32)
-    store = method.new_layer(0, 1, 1, H, D, "cpu", torch.float32)
+    slots = KiviSlots(method, L, 3, 120, H, D, "cpu", torch.float32)
+    stores = [method.new_layer(i, L, 1, H, D, "cpu", torch.float32) for i in range(L)]
     g = torch.Generator().manual_seed(0)
-    kv = lambda n: [torch.randn(1, H, n, D, generator=g) * 2 + 1 for _ in "kv"]  # noqa: E731
-    store.append(*kv(50))  # 50 residual tokens, none quantized
-    slots.install(1, [store.export_seq(0)], 50 + 60)
+    kv = lambda n, i: [torch.randn(1, H, n, D, generator=g) * (2 + i) + 1 for _ in "kv"]  # noqa: E731
+    for i, store in enumerate(stores):
+        store.append(*kv(50, i))  # 50 residual tokens, none quantized
+    slots.install(1, [store.export_seq(0) for store in stores], 50 + 60)
     for step in range(60):
-        k, v = kv(1)
-        q = torch.randn(1, Hq, 1, D, generator=g)
         slots.prepare({1: (0, 50 + step)})
-        slots.append(0, torch.cat([k, k, k]), torch.cat([v, v, v]))  # slots 0 and 2 idle
-        got = slots.attend(0, torch.cat([q, q, q]), D**-0.5)  # (3, Hq, 1, D)
-        store.append(k, v)
-        assert got[0].abs().max() == 0 and got[2].abs().max() == 0  # idle slots attend nothing
-        want = store.attend(q, D**-0.5)
-        assert ((got[1:2] - want).norm() / want.norm()).item() < 2e-3  # as tests/test_kernels_kivi.py
+        for i, store in enumerate(stores):
+            k, v = kv(1, i)
+            q = torch.randn(1, Hq, 1, D, generator=g)
+            slots.append(i, torch.cat([k, k, k]), torch.cat([v, v, v]))  # slots 0 and 2 idle
+            got = slots.attend(i, torch.cat([q, q, q]), D**-0.5)  # (3, Hq, 1, D)
+            store.append(k, v)
+            assert got[0].abs().max() == 0 and got[2].abs().max() == 0  # idle slots attend nothing
+            want = store.attend(q, D**-0.5)
+            assert ((got[1:2] - want).norm() / want.norm()).item() < 2e-3  # as tests/test_kernels_kivi.py
         slots.advance(1)
         slots._sync(1)
-        layer = slots.layers[0]
-        nq, nr = int(store.n_q[0]), int(store.n_res[0])
-        assert (int(layer.n_q[1]), int(layer.n_res[1])) == (nq, nr)
-        for name, t in store.t.items():
-            n = nq // G if name in ("k_mn", "k_scale") else nq
-            assert torch.equal(layer.t[name][1, :, :n], t[0, :, :n]), name
-        for x in "kv":
-            assert torch.equal(layer.res[x][1, :, :nr], store.res[x][0, :, :nr])
-    assert int(store.n_q[0]) == 64  # 50 + 60 tokens: the residual flushed twice during the decode
-    assert slots.stored_bytes(1) == store.stored_bytes().total
+        for layer, store in zip(slots.layers, stores):
+            nq, nr = int(store.n_q[0]), int(store.n_res[0])
+            assert (int(layer.n_q[1]), int(layer.n_res[1])) == (nq, nr)
+            for name, t in store.t.items():
+                n = nq // G if name in ("k_mn", "k_scale") else nq
+                assert torch.equal(layer.t[name][1, :, :n], t[0, :, :n]), name
+            for x in "kv":
+                assert torch.equal(layer.res[x][1, :, :nr], store.res[x][0, :, :nr])
+    assert int(stores[0].n_q[0]) == 64  # 50 + 60 tokens: the residual flushed twice during the decode
+    assert slots.stored_bytes(1) == sum(store.stored_bytes().total for store in stores)

@@ -63,6 +63,21 @@ def dequantize_kv(k_codes, k_mn, k_scale, v_codes, v_mn, v_scale, bits: int, gro
     return k, v
 
 
+def quantize_tokens(k: torch.Tensor, v: torch.Tensor, bits: int, group: int, vgroup: int,
+                    where: str) -> dict[str, torch.Tensor]:
+    """KIVI's stored tensors of k, v (..., n, D) fp32, n a multiple of G = group: keys per channel over each group
+    of G tokens, values per token in groups of `vgroup` channels -> {k_codes (..., n, D·b/8), k_mn/k_scale
+    (..., n/G, D), v_codes (..., n, D·b/8), v_mn/v_scale (..., n, D/vgroup)}."""
+    *lead, n, D = k.shape
+    blocks = k.reshape(*lead, n // group, group, D).transpose(-1, -2)  # (..., n/G, D, G): a key group runs along tokens
+    codes, mn, scale, _ = quantize(blocks, bits, group, "nearest", torch.float16, where=where)
+    out = {"k_codes": pack(codes.transpose(-1, -2).reshape(*lead, n, D), bits), "k_mn": mn[..., 0],
+           "k_scale": scale[..., 0]}
+    codes, mn, scale, _ = quantize(v, bits, vgroup, "nearest", torch.float16, where=where)
+    out.update(v_codes=pack(codes, bits), v_mn=mn, v_scale=scale)
+    return out
+
+
 class KiviLayerKV(LayerKV):
     def __init__(self, cfg: Config, layer_idx: int, batch, kv_heads, head_dim, device, dtype):
         super().__init__(batch, kv_heads, head_dim, device, dtype)
@@ -102,21 +117,14 @@ class KiviLayerKV(LayerKV):
 
     def _quantize_into(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: (H, n, D), n a multiple of G, appended after sequence b's quantized tokens."""
-        H, n, D = k.shape
-        G, t0 = self.group, int(self.n_q[b])
+        n, G, t0 = k.shape[1], self.group, int(self.n_q[b])
         for name, t in self.t.items():
             per_group = name in ("k_mn", "k_scale")
             self.t[name] = grow(t, (t0 + n) // G if per_group else t0 + n)
-        where = f"kivi layer {self.layer_idx}"
-        blocks = k.reshape(H, n // G, G, D).transpose(-1, -2)  # (H, n/G, D, G): a key group runs along tokens
-        codes, mn, scale, _ = quantize(blocks, self.bits, G, "nearest", torch.float16, where=where)
-        self.t["k_codes"][b, :, t0:t0 + n] = pack(codes.transpose(-1, -2).reshape(H, n, D), self.bits)
-        self.t["k_mn"][b, :, t0 // G:(t0 + n) // G] = mn[..., 0]
-        self.t["k_scale"][b, :, t0 // G:(t0 + n) // G] = scale[..., 0]
-        codes, mn, scale, _ = quantize(v, self.bits, self.vgroup, "nearest", torch.float16, where=where)
-        self.t["v_codes"][b, :, t0:t0 + n] = pack(codes, self.bits)  # (H, n, D·b/8)
-        self.t["v_mn"][b, :, t0:t0 + n] = mn
-        self.t["v_scale"][b, :, t0:t0 + n] = scale
+        new = quantize_tokens(k, v, self.bits, G, self.vgroup, f"kivi layer {self.layer_idx}")
+        for name, val in new.items():
+            lo, hi = (t0 // G, (t0 + n) // G) if name in ("k_mn", "k_scale") else (t0, t0 + n)
+            self.t[name][b, :, lo:hi] = val
         self.n_q[b] += n
 
     # ------------------------------------------------------------------------------------------ attend

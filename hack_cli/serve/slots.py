@@ -3,9 +3,10 @@ kernel call per layer — the storage of the graph decode engine (`hack_cli/serv
 
 A slot is one request's place in the decode batch: sequence b of each layer's `LayerKV`, built with batch = slots and
 every tensor allocated at full capacity up front, so nothing moves during a run and a captured CUDA graph stays
-valid. The method's own code installs a payload (`import_seq`), closes HACK's blocks (`close_block`) and quantizes
-KIVI's flushed residual (`_quantize_into`); the host keeps each slot's counters and writes them, with the step's
-token ids and positions, into one device tensor before each step. The step itself (`append`, `attend`) only reads
+valid. The method's own code installs a payload (`import_seq`); between steps, HACK's full open blocks are closed
+and KIVI's full residual flushed with the method's quantizer over every layer at once (the layers' tensors are views
+of one tensor per name with a leading layer axis, `_stack`), not one layer at a time. The host keeps each slot's
+counters and writes them, with the step's token ids and positions, into one device tensor before each step. The step itself (`append`, `attend`) only reads
 that tensor: no host synchronization, no shape that depends on a request, so it can be captured once per batch
 bucket and replayed.
 
@@ -46,6 +47,7 @@ class Slots:
                        for i in range(num_layers)]
         for layer in self.layers:
             self._allocate(layer)
+        self.stacked = self._stack()
         self.count = {name: [0] * slots for name in self.counters}
         self.free = list(range(slots))  # a heap: the lowest free slot is taken first, so buckets stay small
         rows = 2 + len(self.step_rows)
@@ -72,9 +74,22 @@ class Slots:
         """The device tensors a layer's store holds for all its slots."""
         raise NotImplementedError
 
-    def _home(self, store) -> dict[str, torch.Tensor]:
-        """Where a store keeps a new token's 16-bit K and V: {"k": (slots, H, N, D), "v": ...}."""
-        raise NotImplementedError
+    def _stack(self) -> dict[str, torch.Tensor]:
+        """Tensors the method's between-step work (closing HACK's blocks, flushing KIVI's residual) updates for every
+        layer at once: {name: (layers, slots, ...)}, each layer's own tensor a view of it. None needed by default."""
+        return {}
+
+    def _stack_layers(self, where: str, shapes: dict) -> dict[str, torch.Tensor]:
+        """One zero tensor per name of `shapes` ({name: (per-layer shape, dtype)}) with a leading layer axis, each
+        layer's dict attribute `where` (`blocks`, `open`, `t`, ...) holding views of it, so the method's own code
+        still reads and writes its layer's tensors. Allocated at once: the per-layer tensors it replaces must be
+        small (not yet grown to capacity)."""
+        out = {}
+        for name, (shape, dtype) in shapes.items():
+            out[name] = torch.zeros(len(self.layers), *shape, dtype=dtype, device=self.device)  # (layers, slots, ...)
+            for i, layer in enumerate(self.layers):
+                getattr(layer, where)[name] = out[name][i]
+        return out
 
     def attend(self, layer: int, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """q: (c, Hq, 1, D) -> (c, Hq, 1, D) over everything slots 0..c-1 hold, the new token included."""
@@ -224,7 +239,14 @@ class HackSlots(Slots):
                             "powers of two); use jct.engine=eager")
 
     def _allocate(self, layer) -> None:
-        layer._grow((self.capacity - layer.cfg.sink_tokens) // layer.part + 1)
+        pass  # `_stack` allocates every layer's blocks and open block at full capacity
+
+    def _stack(self) -> dict[str, torch.Tensor]:
+        first = self.layers[0]
+        nb = (self.capacity - first.cfg.sink_tokens) // first.part + 1  # blocks a slot may close, plus one
+        blocks = self._stack_layers("blocks", first._shapes(nb))
+        opened = self._stack_layers("open", {x: (t.shape, t.dtype) for x, t in first.open.items()})
+        return {**blocks, **{f"{x}_open": t for x, t in opened.items()}}
 
     def _step_counters(self, b) -> tuple[int, ...]:
         fill = self.count["fill"][b]
@@ -260,11 +282,33 @@ class HackSlots(Slots):
         n["lengths"][b] += 1
         n["fill"][b] += 1
         if n["fill"][b] == self.layers[0].part:  # the open block is full: quantize it in every layer
-            self._sync(b)
-            for layer in self.layers:
-                layer.close_block(b)
+            self._close(b, n["n_closed"][b])
             n["n_closed"][b] += 1
             n["fill"][b] = 0
+
+    def _close(self, b: int, nc: int) -> None:
+        """Slot b's open block becomes closed block nc in every layer: `close_block`'s work (the one-pass quantize
+        kernel, `hack_kernels.dispatch.quantize_into`'s arguments) as one kernel call over all layers' blocks and
+        one write per stored tensor, instead of a few dozen small operations per layer (kernels are bit-identical
+        per block; with stochastic rounding one seed serves every layer)."""
+        from hack_kernels.quantize import quantize_blocks
+
+        first, t = self.layers[0], self.stacked
+        seed = 0
+        if first.cfg.rounding == "stochastic":
+            seed = int(torch.randint(2**31 - 1, (1,), generator=first.gen, device=first.gen.device))
+        for x in "kv":
+            L, _, H, P, D = t[f"{x}_open"].shape  # (layers, slots, H, Π, D)
+            per_channel = first.kind[x] == "per_channel"
+            res = quantize_blocks(t[f"{x}_open"][:, b].float().reshape(L * H, P, D), first.bits, first.group,
+                                  per_channel, x == "k", first.cfg.rounding, seed, first.meta_dtype,
+                                  along_tokens=x == "v")  # L·H blocks
+            meta = (L, H, D) if per_channel else (L, H, P, first.groups)
+            t[f"{x}_codes"][:, b, :, nc] = res["codes"].view(L, H, *res["codes"].shape[1:])
+            t[f"{x}_mn"][:, b, :, nc] = res["mn"].view(meta)
+            t[f"{x}_scale"][:, b, :, nc] = res["scale"].view(meta)
+            t[f"{x}_sum"][:, b, :, nc] = res["sums"].view((L, H, P, first.groups) if x == "k" else (L, H, D))
+            t[f"{x}_open"][:, b] = 0  # empty slots hold zeros
 
 
 class KiviSlots(Slots):
@@ -285,11 +329,16 @@ class KiviSlots(Slots):
                             "powers of two >= 16, a residual of >= 1 token); use jct.engine=eager")
 
     def _allocate(self, layer) -> None:
-        from hack_cli.methods.dequant import grow
+        pass  # `_stack` allocates every layer's tensors at full capacity
 
-        groups = max(1, (self.capacity - layer.residual) // layer.group)  # most key groups a slot quantizes
-        for name, t in layer.t.items():
-            layer.t[name] = grow(t, groups if name in ("k_mn", "k_scale") else groups * layer.group)
+    def _stack(self) -> dict[str, torch.Tensor]:
+        first = self.layers[0]
+        groups = max(1, (self.capacity - first.residual) // first.group)  # most key groups a slot quantizes
+        shape = lambda name, t: (*t.shape[:2], groups if name in ("k_mn", "k_scale") else groups * first.group,
+                                 t.shape[3])
+        quantized = self._stack_layers("t", {name: (shape(name, t), t.dtype) for name, t in first.t.items()})
+        residual = self._stack_layers("res", {x: (t.shape, t.dtype) for x, t in first.res.items()})
+        return {**quantized, **{f"res_{x}": t for x, t in residual.items()}}
 
     def _step_counters(self, b) -> tuple[int, ...]:
         n_res = self.count["n_res"][b]
@@ -318,14 +367,19 @@ class KiviSlots(Slots):
         super().prepare(tokens)
 
     def _flush(self, b: int) -> None:
-        """Slot b's oldest G residual tokens become a key group (and G value rows) in every layer."""
-        G = self.layers[0].group
-        self._sync(b)
-        for layer in self.layers:
-            res = [layer.res[x][b] for x in "kv"]  # (H, R+G-1, D) each
-            layer._quantize_into(b, *(r[:, :G].float() for r in res))
-            for r in res:
-                r[:, :-G] = r[:, G:].clone()  # the newest R-1 tokens move to the front
+        """Slot b's oldest G residual tokens become a key group (and G value rows) in every layer: the method's
+        `_quantize_into` (`quantize_tokens`) over all layers at once, one write per stored tensor."""
+        from hack_cli.methods.kivi import quantize_tokens
+
+        first, t, t0 = self.layers[0], self.stacked, self.count["n_q"][b]
+        G = first.group
+        res = [t[f"res_{x}"][:, b] for x in "kv"]  # (layers, H, R+G-1, D) each
+        new = quantize_tokens(*(r[:, :, :G].float() for r in res), first.bits, G, first.vgroup, "kivi flush")
+        for name, val in new.items():  # (layers, H, G or 1, ...)
+            lo, hi = (t0 // G, t0 // G + 1) if name in ("k_mn", "k_scale") else (t0, t0 + G)
+            t[name][:, b, :, lo:hi] = val
+        for r in res:
+            r[:, :, :-G] = r[:, :, G:].clone()  # the newest R-1 tokens move to the front
         self.count["n_q"][b] += G
         self.count["n_res"][b] -= G
 
