@@ -100,9 +100,12 @@ def test_an_existing_run_directory_needs_resume(tmp_path):
     assert result.exit_code == 2 and "resume=true" in result.stderr
 
 
+STEPS = 60  # enough that a signal sent after the third row lands mid-run even when the test process is starved
+
+
 def _start(out_dir, *extra):
-    """`hack selftest` in its own process, slow enough per step (~0.1 s) to be stopped in the middle."""
-    cmd = [sys.executable, "-m", "hack_cli", "selftest", "selftest.steps=12", "selftest.numel=262144",
+    """`hack selftest` in its own process, slow enough per step (~10-100 ms) to be stopped in the middle."""
+    cmd = [sys.executable, "-m", "hack_cli", "selftest", f"selftest.steps={STEPS}", "selftest.numel=262144",
            f"out_dir={out_dir}", "logging.progress=false", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -135,5 +138,5 @@ def test_resume_after_an_interrupted_and_a_killed_job(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     keys = [r["key"] for r in rows(steps)]
-    assert keys == list(range(12))  # every step once: nothing redone, nothing lost
-    assert read_metrics(tmp_path)["steps"] == 12
+    assert keys == list(range(STEPS))  # every step once: nothing redone, nothing lost
+    assert read_metrics(tmp_path)["steps"] == STEPS
