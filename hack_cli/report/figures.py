@@ -125,10 +125,12 @@ def validation(table: pd.DataFrame, path: Path) -> bool:
     for m in _methods(table):
         d = table[table["method"] == m]
         ax.plot(d["measured_jct"], d["simulated_jct"], "o", label=m)
-    hi = 1.1 * float(max(table["measured_jct"].max(), table["simulated_jct"].max()))
-    x = np.array([0, hi])
+    both = table[["measured_jct", "simulated_jct"]]
+    x = np.geomspace(0.8 * float(both.min().min()), 1.25 * float(both.max().max()), 50)
     ax.plot(x, x, "k-", lw=0.8)
     ax.fill_between(x, 0.9 * x, 1.1 * x, color="0.85", label="±10%")
+    ax.set_xscale("log")  # runs from 0.1 s (CPU) to 70 s (CacheGen): equal relative error, equal distance
+    ax.set_yscale("log")
     ax.set_xlabel("measured mean JCT (s)")
     ax.set_ylabel("simulated mean JCT (s)")
     ax.legend(fontsize=7)
