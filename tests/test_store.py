@@ -100,14 +100,17 @@ def test_an_existing_run_directory_needs_resume(tmp_path):
     assert result.exit_code == 2 and "resume=true" in result.stderr
 
 
-STEPS = 60  # enough that a signal sent after the third row lands mid-run even when the test process is starved
+STEPS = 12
 
 
 def _start(out_dir, *extra):
-    """`hack selftest` in its own process, slow enough per step (~10-100 ms) to be stopped in the middle."""
+    """`hack selftest` in its own process, slow enough per step (~0.1 s) to be stopped in the middle. Ctrl-C is
+    restored to its default in the child: a test run started in the background (`nohup ... &`) ignores SIGINT, the
+    child would inherit that, and Python installs its KeyboardInterrupt handler only where SIGINT is not ignored."""
     cmd = [sys.executable, "-m", "hack_cli", "selftest", f"selftest.steps={STEPS}", "selftest.numel=262144",
            f"out_dir={out_dir}", "logging.progress=false", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_rows(proc, path, count):
