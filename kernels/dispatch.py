@@ -36,6 +36,20 @@ def attend(layer, q: torch.Tensor, scaling: float, window: Optional[int]) -> Opt
     return out[:, :, None]
 
 
+def block_seed(layer) -> int:
+    """The quantize kernel's seed: drawn from the layer's generator under stochastic rounding, else 0."""
+    if layer.cfg.rounding != "stochastic":
+        return 0
+    return int(torch.randint(2**31 - 1, (1,), generator=layer.gen, device=layer.gen.device))
+
+
+def quantize_layer_blocks(layer, x: str, blocks: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """Whole blocks (N, Π, D) of K or V (x) quantized as `layer` stores them (its bits, groups, kind, rounding,
+    metadata dtype; V packed along tokens): `quantize_blocks`' dict. N: one layer's blocks or several layers'."""
+    return quantize_blocks(blocks, layer.bits, layer.group, layer.kind[x] == "per_channel", x == "k",
+                           layer.cfg.rounding, seed, layer.meta_dtype, along_tokens=x == "v")
+
+
 def quantize_into(layer, b: int, x: str, slot0: int, vals: torch.Tensor) -> bool:
     """Whole blocks of raw values vals (H, n, D) into sequence b's blocks from slot0: the one-pass kernel."""
     H, n, D = vals.shape
@@ -45,15 +59,10 @@ def quantize_into(layer, b: int, x: str, slot0: int, vals: torch.Tensor) -> bool
         return False
     nb = n // P
     layer._grow(beta0 + nb)
-    seed = 0
-    if layer.cfg.rounding == "stochastic":
-        seed = int(torch.randint(2**31 - 1, (1,), generator=layer.gen, device=layer.gen.device))
-    per_channel = layer.kind[x] == "per_channel"
-    res = quantize_blocks(vals.reshape(H * nb, P, D), layer.bits, layer.group, per_channel, x == "k",
-                          layer.cfg.rounding, seed, layer.meta_dtype, along_tokens=x == "v")
+    res = quantize_layer_blocks(layer, x, vals.reshape(H * nb, P, D), block_seed(layer))
     t, sl = layer.blocks, (b, slice(None), slice(beta0, beta0 + nb))
     t[f"{x}_codes"][sl] = res["codes"].view(H, nb, *res["codes"].shape[1:])
-    meta = (H, nb, D) if per_channel else (H, nb, P, layer.groups)
+    meta = (H, nb, D) if layer.kind[x] == "per_channel" else (H, nb, P, layer.groups)
     t[f"{x}_mn"][sl] = res["mn"].view(meta)
     t[f"{x}_scale"][sl] = res["scale"].view(meta)
     t[f"{x}_sum"][sl] = res["sums"].view((H, nb, P, layer.groups) if x == "k" else (H, nb, D))

@@ -78,6 +78,12 @@ def quantize_tokens(k: torch.Tensor, v: torch.Tensor, bits: int, group: int, vgr
     return out
 
 
+def token_span(name: str, t0: int, n: int, group: int) -> slice:
+    """Where n new quantized tokens after the first t0 go along a stored tensor's token axis: per key group for
+    k_mn/k_scale (t0 and n multiples of G = group), per token for the others."""
+    return slice(t0 // group, (t0 + n) // group) if name in ("k_mn", "k_scale") else slice(t0, t0 + n)
+
+
 class KiviLayerKV(LayerKV):
     def __init__(self, cfg: Config, layer_idx: int, batch, kv_heads, head_dim, device, dtype):
         super().__init__(batch, kv_heads, head_dim, device, dtype)
@@ -123,8 +129,7 @@ class KiviLayerKV(LayerKV):
             self.t[name] = grow(t, (t0 + n) // G if per_group else t0 + n)
         new = quantize_tokens(k, v, self.bits, G, self.vgroup, f"kivi layer {self.layer_idx}")
         for name, val in new.items():
-            lo, hi = (t0 // G, (t0 + n) // G) if name in ("k_mn", "k_scale") else (t0, t0 + n)
-            self.t[name][b, :, lo:hi] = val
+            self.t[name][b, :, token_span(name, t0, n, G)] = val
         self.n_q[b] += n
 
     # ------------------------------------------------------------------------------------------ attend

@@ -24,7 +24,8 @@ METRICS = ("jct_mean", "jct_p50", "jct_p99", "ttft_mean", "tpot_mean", "queue_pr
            "bytes_sent_per_request", "payload_bytes", "peak_decode_kv_bytes", "peak_decode_kv_stored_bytes",
            "peak_concurrency", "num_requests", "num_measured")
 PHASES = ("queue_prefill", "prefill", "compress", "queue_link", "transfer", "queue_decode", "install", "decode")
-METHOD_ORDER = ("fp16", "fp8", "kivi", "kvquant", "cachegen", "hack_p32", "hack", "hack_fp16dot", "hack_p128", "hack_v1")
+METHOD_ORDER = ("fp16", "fp8", "kivi", "kvquant", "cachegen", "hack_p32", "hack", "hack_fp16dot", "hack_p128",
+                "hack_v1")
 
 
 def method_key(label: str) -> tuple:

@@ -8,7 +8,6 @@ directory, and return the summary as the run's metrics.
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -105,9 +104,9 @@ def summarize_run(spec, engine: str) -> dict:
         if rows.size:
             summary.update(decode_steps=int(rows.shape[0]), step_mean_s=float(rows[:, 3].mean()),
                            step_batch_mean=float(rows[:, 1].mean()))
-    summary.update(method=spec.quant.name, quant=dataclasses.asdict(spec.quant), model=spec.model.name, bandwidth_gbps=spec.cluster.bandwidth_gbps,
-                   rate=spec.trace.rate, trace=spec.trace.name, decode_kv_budget_gb=spec.cluster.decode_kv_budget_gb,
-                   engine=engine)
+    summary.update(method=spec.quant.name, quant=dataclasses.asdict(spec.quant), model=spec.model.name,
+                   bandwidth_gbps=spec.cluster.bandwidth_gbps, rate=spec.trace.rate, trace=spec.trace.name,
+                   decode_kv_budget_gb=spec.cluster.decode_kv_budget_gb, engine=engine)
     write_summary(Path(spec.run_dir) / "summary.json", summary)
     return summary
 

@@ -5,10 +5,10 @@ A slot is one request's place in the decode batch: sequence b of each layer's `L
 every tensor allocated at full capacity up front, so nothing moves during a run and a captured CUDA graph stays
 valid. The method's own code installs a payload (`import_seq`); between steps, HACK's full open blocks are closed
 and KIVI's full residual flushed with the method's quantizer over every layer at once (the layers' tensors are views
-of one tensor per name with a leading layer axis, `_stack`), not one layer at a time. The host keeps each slot's
-counters and writes them, with the step's token ids and positions, into one device tensor before each step. The step itself (`append`, `attend`) only reads
-that tensor: no host synchronization, no shape that depends on a request, so it can be captured once per batch
-bucket and replayed.
+of one tensor per name with a leading layer axis, `_allocate_all`), not one layer at a time. The host keeps each
+slot's counters and writes them, with the step's token ids and positions, into one device tensor before each step.
+The step itself (`append`, `attend`) only reads that tensor: no host synchronization, no shape that depends on a
+request, so it can be captured once per batch bucket and replayed.
 
 Slots of a bucket that hold no request take part with zero counters: their attention covers nothing (output 0) and
 their one written K/V row lands in a free slot, overwritten when a request is installed there.
@@ -45,9 +45,7 @@ class Slots:
         self.method, self.slots, self.capacity, self.device = method, slots, capacity, torch.device(device)
         self.layers = [method.new_layer(i, num_layers, slots, kv_heads, head_dim, self.device, dtype)
                        for i in range(num_layers)]
-        for layer in self.layers:
-            self._allocate(layer)
-        self.stacked = self._stack()
+        self.stacked = self._allocate_all()
         self.count = {name: [0] * slots for name in self.counters}
         self.free = list(range(slots))  # a heap: the lowest free slot is taken first, so buckets stay small
         rows = 2 + len(self.step_rows)
@@ -74,10 +72,17 @@ class Slots:
         """The device tensors a layer's store holds for all its slots."""
         raise NotImplementedError
 
-    def _stack(self) -> dict[str, torch.Tensor]:
-        """Tensors the method's between-step work (closing HACK's blocks, flushing KIVI's residual) updates for every
-        layer at once: {name: (layers, slots, ...)}, each layer's own tensor a view of it. None needed by default."""
+    def _allocate_all(self) -> dict[str, torch.Tensor]:
+        """Every layer's tensors at full capacity; returns those the method's between-step work (closing HACK's
+        blocks, flushing KIVI's residual) updates for every layer at once, {name: (layers, slots, ...)} with each
+        layer's own tensor a view of it (`_stack_layers`). By default one layer at a time, nothing stacked."""
+        for layer in self.layers:
+            self._allocate(layer)
         return {}
+
+    def _home(self, store) -> dict[str, torch.Tensor]:
+        """Where a store keeps a new token's 16-bit K and V: {"k": (slots, H, N, D), "v": ...}."""
+        raise NotImplementedError
 
     def _stack_layers(self, where: str, shapes: dict) -> dict[str, torch.Tensor]:
         """One zero tensor per name of `shapes` ({name: (per-layer shape, dtype)}) with a leading layer axis, each
@@ -238,10 +243,7 @@ class HackSlots(Slots):
             raise HackError("the HACK decode kernel does not cover this configuration (2/4-bit codes, Π >= 32, "
                             "powers of two); use jct.engine=eager")
 
-    def _allocate(self, layer) -> None:
-        pass  # `_stack` allocates every layer's blocks and open block at full capacity
-
-    def _stack(self) -> dict[str, torch.Tensor]:
+    def _allocate_all(self) -> dict[str, torch.Tensor]:
         first = self.layers[0]
         nb = (self.capacity - first.cfg.sink_tokens) // first.part + 1  # blocks a slot may close, plus one
         blocks = self._stack_layers("blocks", first._shapes(nb))
@@ -288,22 +290,17 @@ class HackSlots(Slots):
 
     def _close(self, b: int, nc: int) -> None:
         """Slot b's open block becomes closed block nc in every layer: `close_block`'s work (the one-pass quantize
-        kernel, `hack_kernels.dispatch.quantize_into`'s arguments) as one kernel call over all layers' blocks and
+        kernel with `hack_kernels.dispatch.quantize_into`'s arguments) as one kernel call over all layers' blocks and
         one write per stored tensor, instead of a few dozen small operations per layer (kernels are bit-identical
         per block; with stochastic rounding one seed serves every layer)."""
-        from hack_kernels.quantize import quantize_blocks
+        from hack_kernels.dispatch import block_seed, quantize_layer_blocks
 
         first, t = self.layers[0], self.stacked
-        seed = 0
-        if first.cfg.rounding == "stochastic":
-            seed = int(torch.randint(2**31 - 1, (1,), generator=first.gen, device=first.gen.device))
+        seed = block_seed(first)
         for x in "kv":
             L, _, H, P, D = t[f"{x}_open"].shape  # (layers, slots, H, Π, D)
-            per_channel = first.kind[x] == "per_channel"
-            res = quantize_blocks(t[f"{x}_open"][:, b].float().reshape(L * H, P, D), first.bits, first.group,
-                                  per_channel, x == "k", first.cfg.rounding, seed, first.meta_dtype,
-                                  along_tokens=x == "v")  # L·H blocks
-            meta = (L, H, D) if per_channel else (L, H, P, first.groups)
+            res = quantize_layer_blocks(first, x, t[f"{x}_open"][:, b].float().reshape(L * H, P, D), seed)
+            meta = (L, H, D) if first.kind[x] == "per_channel" else (L, H, P, first.groups)
             t[f"{x}_codes"][:, b, :, nc] = res["codes"].view(L, H, *res["codes"].shape[1:])
             t[f"{x}_mn"][:, b, :, nc] = res["mn"].view(meta)
             t[f"{x}_scale"][:, b, :, nc] = res["scale"].view(meta)
@@ -328,10 +325,7 @@ class KiviSlots(Slots):
             raise HackError("the KIVI decode kernel does not cover this configuration (2/4-bit codes, head_dim and G "
                             "powers of two >= 16, a residual of >= 1 token); use jct.engine=eager")
 
-    def _allocate(self, layer) -> None:
-        pass  # `_stack` allocates every layer's tensors at full capacity
-
-    def _stack(self) -> dict[str, torch.Tensor]:
+    def _allocate_all(self) -> dict[str, torch.Tensor]:
         first = self.layers[0]
         groups = max(1, (self.capacity - first.residual) // first.group)  # most key groups a slot quantizes
         shape = lambda name, t: (*t.shape[:2], groups if name in ("k_mn", "k_scale") else groups * first.group,
@@ -369,15 +363,14 @@ class KiviSlots(Slots):
     def _flush(self, b: int) -> None:
         """Slot b's oldest G residual tokens become a key group (and G value rows) in every layer: the method's
         `_quantize_into` (`quantize_tokens`) over all layers at once, one write per stored tensor."""
-        from hack_cli.methods.kivi import quantize_tokens
+        from hack_cli.methods.kivi import quantize_tokens, token_span
 
         first, t, t0 = self.layers[0], self.stacked, self.count["n_q"][b]
         G = first.group
         res = [t[f"res_{x}"][:, b] for x in "kv"]  # (layers, H, R+G-1, D) each
         new = quantize_tokens(*(r[:, :, :G].float() for r in res), first.bits, G, first.vgroup, "kivi flush")
         for name, val in new.items():  # (layers, H, G or 1, ...)
-            lo, hi = (t0 // G, t0 // G + 1) if name in ("k_mn", "k_scale") else (t0, t0 + G)
-            t[name][:, b, :, lo:hi] = val
+            t[name][:, b, :, token_span(name, t0, G, G)] = val
         for r in res:
             r[:, :, :-G] = r[:, :, G:].clone()  # the newest R-1 tokens move to the front
         self.count["n_q"][b] += G
