@@ -272,11 +272,13 @@ def test_bench_gpu_runs_name_their_quant_overrides(tmp_path):
 
     p = dict(model="tiny", weights=None, dtype=None, cluster="local", budget_gb=None, trace="small", warmup=1,
              stall_timeout_s=5.0, chunk_mb=1.0, seed=0, out=str(tmp_path))
-    specs = build_specs(argparse.Namespace(**p, run=["hack,operand=fp16,partition=32:0.5:10:4", "fp16:0.5:10:4"]))
+    specs = build_specs(argparse.Namespace(**p, run=["hack,operand=fp16,partition=32:0.5:10:4", "fp16:0.5:10:4:2"]))
     assert (specs[0].quant.operand, specs[0].quant.partition, specs[1].quant.name) == ("fp16", 32, "fp16")
     assert [Path(s.run_dir).name for s in specs] == ["hack-operand-fp16-partition-32_r0.5_bw10_n4", "fp16_r0.5_bw10_n4"]
-    with pytest.raises(HackError, match="METHOD\\[,FIELD=VALUE...\\]"):
-        main(["--run", "hack,operand:0.5:10:4"])
+    assert [s.trace.warmup for s in specs] == [1, 2]  # --warmup, then the run's own WARMUP field
+    for bad in ("hack,operand:0.5:10:4", "fp16:0.5:10:4:1:2"):
+        with pytest.raises(HackError, match="METHOD\\[,FIELD=VALUE...\\]"):
+            main(["--run", bad])
 
 
 def test_decode_fit_of_runs_keeps_the_rare_slow_steps(tmp_path):

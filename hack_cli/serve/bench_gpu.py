@@ -5,8 +5,9 @@ For machines without hydra-core (GPU boxes); it needs only omegaconf to read the
     python -m hack_cli.serve.bench_gpu --model llama31_8b --weights random --dtype bfloat16 --cluster gpu2 \
         --trace long --run fp16:0.3:10:6 --run hack:0.3:10:6 --out runs/jct_gpu
 
-Each `--run METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS` is one run of the trace preset at that rate
-and link speed (the first NUM_REQUESTS requests of the seeded trace, `--warmup` of them excluded), the method's
+Each `--run METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS[:WARMUP]` is one run of the trace preset at
+that rate and link speed (the first NUM_REQUESTS requests of the seeded trace, WARMUP of them excluded, `--warmup`
+by default), the method's
 `conf/quant` fields overridden as given (`hack,operand=fp16:0.3:10:24`). Results go to
 <out>/<method>[-FIELD-VALUE...]_r<rate>_bw<bandwidth>_n<N>/{per_request.csv,summary.json} and <out>/sweep.csv.
 """
@@ -53,12 +54,13 @@ def build_specs(args) -> list:
     specs = []
     for item in args.run:
         try:
-            method, rate, bw, n = item.split(":")
+            method, rate, bw, n, *rest = item.split(":")
             rate, bw, n = float(rate), float(bw), int(n)
+            (warmup,) = [int(w) for w in rest] or [args.warmup]
             method, *fields = method.split(",")
             override = {k: yaml.safe_load(v) for k, v in (f.split("=") for f in fields)}
         except ValueError:
-            raise HackError(f"--run {item!r}: expected METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS") \
+            raise HackError(f"--run {item!r}: expected METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS[:WARMUP]") \
                 from None
         root = OmegaConf.create({"model": model_node, "quant": conf("quant", method, **override)})
         OmegaConf.resolve(root)  # e.g. kvquant's calibration path names ${model.name}
@@ -68,7 +70,7 @@ def build_specs(args) -> list:
                                                           **({"decode_kv_budget_gb": args.budget_gb}
                                                              if args.budget_gb else {})))
         trace = to_typed("trace", TraceConfig, conf("trace", args.trace, rate=rate, num_requests=n,
-                                                    warmup=min(args.warmup, n - 1)))
+                                                    warmup=min(warmup, n - 1)))
         name = "-".join([method, *(f"{k}-{v}" for k, v in override.items())])
         run_dir = Path(args.out) / f"{name}_r{rate:g}_bw{bw:g}_n{n}"
         specs.append(ServeSpec(model=model, quant=quant, cluster=cluster, trace=trace, jct=jct,
@@ -85,7 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget-gb", type=float, help="cluster.decode_kv_budget_gb")
     p.add_argument("--trace", default="small")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--run", action="append", required=True, help="METHOD:RATE:BANDWIDTH_GBPS:NUM_REQUESTS")
+    p.add_argument("--run", action="append", required=True, help="METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS[:WARMUP]")
     p.add_argument("--stall-timeout-s", type=float, default=120.0)
     p.add_argument("--chunk-mb", type=float, default=32.0)
     p.add_argument("--seed", type=int, default=0)
