@@ -307,29 +307,39 @@ def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NC
 
 
 @triton.jit(do_not_specialize=["NS1"])
-def _combine_kernel(PO, PM, PL, OUT, NS1, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr):
-    """Merge the NS1 partials of one (sequence, KV head) into OUT rows (pid·R + r)."""
+def _combine_kernel(PO, PM, PL, OUT, NS1, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, SC: tl.constexpr):
+    """Merge the NS1 partials of one (sequence, KV head) into OUT rows (pid·R + r), SC partials per loop step (one
+    (SC, RP, D) tile: at batch 1 there are only B·H programs, and a partial a step left them latency-bound)."""
     pid = tl.program_id(0)
+    ss = tl.arange(0, SC)
     rr = tl.arange(0, RP)
     dd = tl.arange(0, D)
     ok = rr < R
     m = tl.full([RP], -float("inf"), tl.float32)
     l = tl.zeros([RP], tl.float32)
     acc = tl.zeros([RP, D], tl.float32)
-    for sp in range(NS1):
-        part = pid * NS1 + sp
-        ms = tl.load(PM + part * R + rr, mask=ok, other=-float("inf"))
-        ls = tl.load(PL + part * R + rr, mask=ok, other=0.0)
-        os = tl.load(PO + (part * R + rr[:, None]) * D + dd[None, :], mask=ok[:, None], other=0.0)
-        m_new = tl.maximum(m, ms)
+    for s0 in range(0, NS1, SC):
+        part = pid * NS1 + s0 + ss  # (SC,)
+        okp = (s0 + ss < NS1)[:, None] & ok[None, :]  # (SC, RP)
+        rows = part[:, None] * R + rr[None, :]  # (SC, RP)
+        ms = tl.load(PM + rows, mask=okp, other=-float("inf"))
+        ls = tl.load(PL + rows, mask=okp, other=0.0)
+        os = tl.load(PO + rows[:, :, None] * D + dd[None, None, :], mask=okp[:, :, None], other=0.0)  # (SC, RP, D)
+        m_new = tl.maximum(m, tl.max(ms, axis=0))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         a = tl.exp2(m - m_safe)
-        w = tl.exp2(ms - m_safe)
-        l = l * a + ls * w
-        acc = acc * a[:, None] + os * w[:, None]
+        w = tl.exp2(ms - m_safe[None, :])  # (SC, RP); 0 for masked partials
+        l = l * a + tl.sum(ls * w, axis=0)
+        acc = acc * a[:, None] + tl.sum(os * w[:, :, None], axis=0)
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(OUT + (pid * R + rr[:, None]) * D + dd[None, :], out, mask=ok[:, None])
+
+
+def combine(po: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, out: torch.Tensor) -> None:
+    """Merge split partials po (P, NS, R, D), pm/pl (P, NS, R) fp32 into out (B, Hq, D), P = B·H programs."""
+    P, NS, R, D = po.shape
+    _combine_kernel[(P,)](po, pm, pl, out, NS, R=R, RP=pow2(R), D=D, SC=min(16, max(2, pow2(NS))), num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -384,11 +394,13 @@ def pow2(n: int) -> int:
 
 
 def plan_splits(programs: int, max_blocks: int, device, waves: float = 4) -> tuple[int, int]:
-    """(splits, blocks per split) so that about `waves` programs per SM run (1 split in the interpreter)."""
+    """(splits, blocks per split) with programs · splits <= waves · SMs (1 split in the interpreter): `waves` is the
+    programs an SM holds at once, so the full-length programs run in whole rounds. Rounding the splits up instead
+    left a second round of a few full programs: 1.3–1.5x slower at batch 8 on an H100 (kernels/NOTES.md v10)."""
     if interpreting() or max_blocks == 0:
         return 1, max(max_blocks, 1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = max(1, min(max_blocks, math.ceil(waves * sms / programs)))
+    want = max(1, min(max_blocks, math.floor(waves * sms / programs)))
     per = -(-max_blocks // want)
     return -(-max_blocks // per), per
 
@@ -409,8 +421,8 @@ def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int
     """Decode attention of q (B, Hq, D) (one new token per sequence) over kv -> (B, Hq, D) in q's dtype.
 
     max_blocks: max over sequences of n_closed (pass it to avoid a device sync). num_warps=2 measured fastest on
-    H100 (kernels/NOTES.md); waves: target programs per SM when choosing the number of splits (measured best: 4
-    for few (sequence, head) pairs, 8 for many). blocks_per_iter: NB closed blocks per loop step (1, 2 or 4; None:
+    H100 (kernels/NOTES.md); waves: programs per SM when choosing the number of splits (`plan_splits`; 4 = what an
+    H100 SM holds of this kernel at 2 warps, measured best at batch 1 and 8). blocks_per_iter: NB closed blocks per loop step (1, 2 or 4; None:
     `blocks_per_iter_default`); only the channel layout with fp16 operands takes NB > 1, the others run NB = 1.
     """
     B, Hq, D = q.shape
@@ -428,7 +440,7 @@ def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int
         RP = max(RP, 16 // nb)  # the stacked K rows (NB·RP) fill a 16-row dot
     if max_blocks is None:
         max_blocks = int(kv.n_closed.max())
-    waves = waves or (4 if B * H < 32 else 8)
+    waves = waves or 4
     nsplit, per = (plan_splits(B * H, max_blocks, q.device, waves) if splits is None
                    else (splits, -(-max_blocks // splits)))
     if nb > 1:  # whole steps of NB blocks a split
@@ -447,5 +459,5 @@ def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int
         TDT=tail_dot_dtype(kv.sink_k), ASM=not interpreting(), NB=nb, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    _combine_kernel[(B * H,)](po, pm, pl, out, nsplit + 1, R=R, RP=pow2(R), D=D, num_warps=4)
+    combine(po, pm, pl, out)
     return out

@@ -7,7 +7,7 @@ Graph-safe (for a CUDA-graph-captured decode step): the grid depends only on sha
 planned from the capacity, not from the lengths, which only the kernel reads. One program = one (sequence, KV
 head) and one split of TPS tokens; it loops over tiles of BN tokens with an online softmax (base 2) and writes a
 partial (max, sum, unnormalized output). A split beyond its sequence's length loads nothing and writes an empty
-partial (m = -inf, l = 0, acc = 0); `_combine_kernel` (hack_kernels.decode) merges the splits. The R = Hq/H query
+partial (m = -inf, l = 0, acc = 0); `combine` (hack_kernels.decode) merges the splits. The R = Hq/H query
 heads of a KV head are the rows of one tile, padded to RP >= 16 (tl.dot's minimum). Dots in the K/V dtype on the GPU
 (as SDPA does), fp32 in the interpreter (bf16 tl.dot is broken there), fp32 accumulation. Shapes: R query rows per
 KV head (padded to RP), D head dim, BN tokens a tile.
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from hack_kernels.common import tail_dot_dtype
-from hack_kernels.decode import LOG2E, _combine_kernel, _online, plan_splits, pow2
+from hack_kernels.decode import LOG2E, _online, combine, plan_splits, pow2
 
 
 @triton.jit(do_not_specialize=["H", "N", "TPS", "NSPLIT"])
@@ -85,7 +85,7 @@ def fp16_decode(k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, q: torc
                                   R=R, RP=max(16, pow2(R)), D=D, BN=block_n, DT=tail_dot_dtype(k),
                                   num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    _combine_kernel[(B * H,)](po, pm, pl, out, nsplit, R=R, RP=pow2(R), D=D, num_warps=4)
+    combine(po, pm, pl, out)
     return out
 
 

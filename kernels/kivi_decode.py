@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from hack_kernels.common import interpreting, tail_dot_dtype, unpack_codes
-from hack_kernels.decode import LOG2E, _combine_kernel, _online, plan_splits, pow2
+from hack_kernels.decode import LOG2E, _online, combine, plan_splits, pow2
 
 
 @triton.jit(do_not_specialize=["H", "CAP", "CAPG", "RES", "TPS", "NSPLIT"])
@@ -98,5 +98,5 @@ def kivi_decode(t: dict[str, torch.Tensor], res_k: torch.Tensor, res_v: torch.Te
         R=R, RP=max(16, pow2(R)), D=D, BN=BN, G=group, C=C, BITS=bits, RESP=max(16, pow2(res_k.shape[2])),
         CDT=tl.float16, TDT=tail_dot_dtype(res_k), ASM=not interp, num_warps=num_warps)
     out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
-    _combine_kernel[(B * H,)](po, pm, pl, out, nsplit + 1, R=R, RP=pow2(R), D=D, num_warps=4)
+    combine(po, pm, pl, out)
     return out

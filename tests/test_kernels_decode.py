@@ -9,7 +9,7 @@ import torch
 from hack_cli.methods.hack import Config
 from hack_cli.methods.hack.store import HackLayerKV
 from hack_kernels.common import interpreting
-from hack_kernels.decode import from_layer, hack_decode
+from hack_kernels.decode import combine, from_layer, hack_decode
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
            pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or
@@ -80,6 +80,27 @@ def test_splits_combine(device):
     one = hack_decode(kv, q[:, :, 0], SCALING, splits=1)
     many = hack_decode(kv, q[:, :, 0], SCALING, splits=4)
     assert rel(many, one) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 5, 16, 37])
+def test_combine_merges_partials_like_a_softmax_over_all(device, splits):
+    """`combine` (SC partials a loop step) equals the log-sum-exp merge of every split's (m, l, acc), with empty
+    splits (m = -inf, l = 0) anywhere, including a whole chunk of them."""
+    g = torch.Generator().manual_seed(splits)
+    P, R, D = 3, 3, 16
+    pm = torch.randn(P, splits, R, generator=g) * 4
+    pl = torch.rand(P, splits, R, generator=g) + 0.5
+    po = torch.randn(P, splits, R, D, generator=g)
+    if splits > 1:  # empty splits: the last one
+        pm[:, -1], pl[:, -1], po[:, -1] = -float("inf"), 0.0, 0.0
+    if splits > 16:  # and a whole first chunk of program 1
+        pm[1, :16], pl[1, :16], po[1, :16] = -float("inf"), 0.0, 0.0
+    w = torch.exp2(pm - pm.amax(1, keepdim=True))  # (P, S, R)
+    want = (po * w[..., None]).sum(1) / (pl * w).sum(1)[..., None]  # (P, R, D)
+    out = torch.empty(1, P * R, D, device=device)
+    combine(po.to(device), pm.to(device), pl.to(device), out)
+    assert torch.allclose(out.view(P, R, D).cpu(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
