@@ -17,6 +17,7 @@ import torch
 from hack_cli.errors import HackError
 from hack_cli.hf import make_method, prepare_model
 from hack_cli.hf.models import load_model, model_config
+from hack_cli.methods import cachegen_pool
 from hack_cli.serve.decode import Active, DecodeEngine, NullWriter
 from hack_cli.serve.graph import GraphDecodeEngine, buckets
 from hack_cli.serve.slots import HackSlots, KiviSlots
@@ -63,9 +64,12 @@ def serve(engine, items) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("name,fields,prompts", [("fp16", {}, PROMPTS), ("hack", {"backend": "triton"}, PROMPTS),
-                                                 ("cachegen", {}, PROMPTS), ("kivi", {}, KIVI_PROMPTS)],
-                         ids=["fp16", "hack", "cachegen", "kivi"])
-def test_graph_engine_matches_eager(tiny, name, fields, prompts):
+                                                 ("cachegen", {}, PROMPTS), ("cachegen", {"coder_workers": 2}, PROMPTS),
+                                                 ("kivi", {}, KIVI_PROMPTS)],
+                         ids=["fp16", "hack", "cachegen", "cachegen-pool", "kivi"])
+def test_graph_engine_matches_eager(tiny, name, fields, prompts, monkeypatch):
+    if fields.get("coder_workers"):  # however small, the payloads are coded on 2 coder processes
+        monkeypatch.setattr(cachegen_pool, "MIN_POOL_SYMBOLS", 0)
     method = make_method(name, **fields)
     items = payloads(tiny, method, prompts)
     eager = DecodeEngine(tiny, method, torch.device("cpu"), float("inf"), NullWriter(), time.monotonic())

@@ -7,6 +7,9 @@ a batch of sequences in the method's own compressed form — never a 16-bit copy
   * `stored_bytes()` / `transfer_bytes()` count exactly what it holds / what a prefill->decode transfer sends;
   * `export_seq(b)` / `import_seq(state)` give one sequence's wire payload (tensors whose bytes add up to
     `transfer_bytes` for that sequence) and install it on the decode side.
+The `KVMethod` does the same for every layer of a request at once (`export_layers`, `prepare_import` +
+`import_layers`): by default layer after layer; a method may work across layers and ahead of time (CacheGen codes
+all its entropy-coded streams in parallel, and starts decoding a payload when it arrives).
 
 Batches are ragged: sequence `b` owns tokens [0, lengths[b]); padding passed to `append` through `valid` is dropped,
 so no scale or statistic is ever shared between sequences.
@@ -164,3 +167,27 @@ class KVMethod:
     def new_layer(self, layer_idx: int, num_layers: int, batch: int, kv_heads: int, head_dim: int,
                   device, dtype: torch.dtype) -> LayerKV:
         raise NotImplementedError
+
+    @property
+    def decodes_ahead(self) -> bool:
+        """True if `prepare_import` starts work in the background (a decode worker then calls it when a payload
+        arrives, not at admission)."""
+        return False
+
+    def warm_up(self) -> None:
+        """Start what serving the method uses before the first request (CacheGen: its coder processes)."""
+
+    def export_layers(self, stores: list[LayerKV], b: int) -> list[dict[str, torch.Tensor]]:
+        """Sequence b's wire payload of every layer (`export_seq` of each store, in order)."""
+        return [s.export_seq(b) for s in stores]
+
+    def prepare_import(self, states: list[dict[str, torch.Tensor]]):
+        """Start installing a received payload (one `export_seq` dict per layer) before its stores exist; returns
+        what `import_layers` takes. By default nothing to start: the payload itself."""
+        return states
+
+    def import_layers(self, stores: list[LayerKV], b: int, prepared) -> None:
+        """Install a payload (`prepare_import`'s result, or the per-layer dicts as received) into sequence b of each
+        layer's store."""
+        for store, state in zip(stores, prepared):
+            store.import_seq(b, state)

@@ -11,6 +11,11 @@ of that channel). The wire (`export_seq`, `transfer_bytes`) is that real byte st
 fp16 scales and the stream lengths; the payload is encoded when first asked for and kept until the sequence
 changes. The receiver (`import_seq`) entropy-decodes back to the symbols.
 
+The streams of a request, one per (layer, chunk), are coded on a pool of worker processes (`cachegen_pool`,
+`quant.coder_workers`; the same bytes as coding them one by one): `Method.export_layers` codes every layer's streams
+at once, `Method.prepare_import` starts decoding a received payload in the background (the decode worker calls it
+when the payload arrives) and `Method.import_layers` waits for the symbols and installs them.
+
 The store holds the symbols, not 16-bit values, and dequantizes before attention:
   a_sym (B, H, cap/group, D) uint8        anchor symbols (code + 127)
   d_sym (B, H, cap, D·b/8) uint8          delta symbols (code + (L-1)/2), packed at b = 2, 4 or 8 bits, the
@@ -22,6 +27,7 @@ CacheGen compresses only the transferred prompt KV: tokens generated on the deco
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,6 +36,7 @@ import torch
 
 from hack_cli.errors import ConfigError, HackError
 from hack_cli.methods import cachegen_codec as codec
+from hack_cli.methods import cachegen_pool as pool
 from hack_cli.methods.base import Bytes, KVMethod, LayerKV, QuantConfig
 from hack_cli.methods.dequant import grow, sdpa_over, unpack_codes
 from hack_cli.methods.hack.quantizer import check_finite, pack
@@ -45,6 +52,7 @@ class Config(QuantConfig):
     key_levels: list[int] = field(default_factory=lambda: [15, 15, 7])  # deltas, per third of the layers
     value_levels: list[int] = field(default_factory=lambda: [5, 5, 5])
     first_layer_levels: list[int] = field(default_factory=lambda: [31, 15])  # (key, value) deltas of layer 0
+    coder_workers: int = 0  # entropy-coder processes: 0 = auto (half the cores, <= 16), 1 = in process, N
 
     def __post_init__(self):
         super().__post_init__()
@@ -56,6 +64,9 @@ class Config(QuantConfig):
                                ("first_layer_levels", self.first_layer_levels, 2)):
             if len(levels) != n or any(not 3 <= x <= 255 or x % 2 == 0 for x in levels):
                 raise ConfigError(f"quant.{key}", list(levels), f"expected {n} odd level counts in [3, 255]")
+        if self.coder_workers < 0:
+            raise ConfigError("quant.coder_workers", self.coder_workers,
+                              "expected 0 (auto), 1 (code in process) or a number of worker processes")
 
 
 def level_counts(cfg: Config, layer_idx: int, num_layers: int) -> tuple[int, int]:
@@ -89,19 +100,57 @@ def non_anchor(n: int, group: int) -> np.ndarray:
     return np.flatnonzero(np.arange(n) % group)
 
 
-def with_anchor_slots(rows: np.ndarray, n: int, group: int, fill: int) -> np.ndarray:
-    """rows (H, n - ceil(n/group), X) of the non-anchor tokens -> (H, n, X) with `fill` at every group's anchor."""
-    H, _, X = rows.shape
-    full = np.empty((H, n, X), dtype=rows.dtype)
+def with_anchor_slots(rows: np.ndarray, group: int, fill: int, out: np.ndarray) -> None:
+    """rows (H, n - ceil(n/group), X) of the non-anchor tokens -> out (H, n, X), `fill` at every group's anchor."""
+    H, n, X = out.shape
     q = n // group  # whole groups
-    full[:, ::group] = fill
-    full[:, :q * group].reshape(H, q, group, X)[:, :, 1:] = rows[:, :q * (group - 1)].reshape(H, q, group - 1, X)
-    full[:, q * group + 1:] = rows[:, q * (group - 1):]
-    return full
+    out[:, ::group] = fill
+    out[:, :q * group].reshape(H, q, group, X)[:, :, 1:] = rows[:, :q * (group - 1)].reshape(H, q, group - 1, X)
+    out[:, q * group + 1:] = rows[:, q * (group - 1):]
 
 
 def storage_bits(levels: int) -> int:
     return next(b for b in (2, 4, 8) if 2**b >= levels)
+
+
+def spans(n: int, group: int, chunk: int) -> list[tuple[int, int, int, int]]:
+    """Per chunk of an n-token prompt: its tokens [c0, c1) and anchors [g0, g1); chunks start at multiples of
+    `group`, so its non-anchor tokens are rows [c0 - g0, c1 - g1) of the prompt's non-anchor tokens."""
+    return [(c0, min(c0 + chunk, n), c0 // group, -(-min(c0 + chunk, n) // group)) for c0 in range(0, n, chunk)]
+
+
+def pack_deltas(deltas: np.ndarray, group: int, bits: int, zero: int, out: np.ndarray) -> None:
+    """Channel-major delta symbols (H·D, m) of a chunk's non-anchor tokens -> out (H, n, D·b/8): b-bit codes packed
+    along D (element j of a byte: bits [j·b, (j+1)·b)), the zero delta at every group's anchor (the chunk starts at
+    one)."""
+    H, _, Db = out.shape
+    per = 8 // bits  # codes per byte
+    cm = deltas.reshape(H, Db, per, deltas.shape[1])
+    packed = cm[:, :, 0].copy()  # (H, D·b/8, m)
+    for j in range(1, per):
+        packed |= cm[:, :, j] << (j * bits)
+    with_anchor_slots(packed.transpose(0, 2, 1), group, sum(zero << (j * bits) for j in range(per)), out)
+
+
+def decode_chunk(stream: np.ndarray, tables: list, a_out: list, d_out: list, group: int, bits: list[int],
+                 zero: list[int]) -> None:
+    """One chunk's ANS stream -> its symbols in the store's layout, K then V (index x = 0, 1): anchors a_out[x]
+    (H, g, D); delta codes d_out[x] (H, n, D·b/8) packed at bits[x], the zero delta zero[x] at every anchor. A coder
+    job (numpy and constriction only), on a pool worker or in process."""
+    shapes, outs, host = [], [], []
+    for a, d in zip(a_out, d_out):
+        H, g, D = a.shape
+        m = d.shape[1] - g  # non-anchor tokens
+        anchors = np.empty((g, H * D), np.uint8)  # row-major, as encoded
+        deltas = np.empty((H * D, m), np.uint8)  # channel-major: each channel's symbols one contiguous run
+        shapes += [(g, H * D), (m, H * D)]
+        outs += [anchors, deltas.T]
+        host.append((anchors, deltas))
+    codec.decode(stream, shapes, tables, out=outs)
+    for (anchors, deltas), a, d, b, z in zip(host, a_out, d_out, bits, zero):
+        H, g, D = a.shape
+        a[...] = anchors.reshape(g, H, D).transpose(1, 0, 2)
+        pack_deltas(deltas, group, b, z, d)
 
 
 class CacheGenLayerKV(LayerKV):
@@ -176,80 +225,90 @@ class CacheGenLayerKV(LayerKV):
         return sdpa_over(q, k, v, pos, ok, self.q_pos[:, -q.shape[2]:], scaling, window)
 
     # ------------------------------------------------------------------------------------------ wire
-    def _chunks(self, b: int) -> list[tuple[int, int]]:
-        """(first token, tokens) of each chunk of sequence b's prompt."""
-        n = int(self.n_prompt[b])
-        return [(c0, min(self.chunk, n - c0)) for c0 in range(0, n, self.chunk)]
-
     def _spans(self, b: int) -> list[tuple[int, int, int, int]]:
-        """Per chunk of sequence b's prompt: its anchor rows [g0, g1) and non-anchor delta rows [j0, j1) in the
-        sequence's host symbol arrays (`_host_symbols`); chunks start at multiples of `group`."""
-        G = self.group
-        out = []
-        for c0, n in self._chunks(b):
-            g0, g1 = c0 // G, -(-(c0 + n) // G)
-            out.append((g0, g1, c0 - g0, c0 + n - g1))
-        return out
+        return spans(int(self.n_prompt[b]), self.group, self.chunk)
 
-    def _host_symbols(self, b: int, x: str, on_device: Optional[bool] = None):
-        """Sequence b's prompt symbols of K or V on the host, brought over once: anchors (ng, H·D) int32 row-major,
-        non-anchor deltas (n - ng, H·D) int32 column-contiguous (the transpose of a channel-major array: each
-        channel of each chunk is one contiguous run), channel = h·D + d; and the uint8 tables of every chunk: anchors
-        (chunks, 1, 255) pooled over channels, deltas (chunks, H·D, L). A GPU store unpacks and counts on the GPU
-        (`on_device`, default: the store is not on the CPU); a CPU store does it in numpy (torch's CPU thread pool,
-        once woken, spins beside the single-threaded coder)."""
+    def _symbol_shapes(self, b: int) -> list[tuple[int, int]]:
+        """Shapes of sequence b's host symbol arrays (`_host_symbols`), K then V: anchors, channel-major deltas."""
+        n, C = int(self.n_prompt[b]), self.kv_heads * self.head_dim
+        ng = -(-n // self.group)
+        return [(ng, C), (C, n - ng)] * 2
+
+    def _host_symbols(self, b: int, x: str, coder: Optional[pool.Coder] = None, on_device: Optional[bool] = None):
+        """Sequence b's prompt symbols of K or V on the host, uint8 in arrays of `coder` (default: in process):
+        anchors (ng, H·D) row-major, non-anchor deltas (n - ng, H·D) column-contiguous (the transpose of a
+        channel-major array: each channel of each chunk is one contiguous run), channel = h·D + d; and the uint8
+        tables of every chunk: anchors (chunks, 1, 255) pooled over channels, deltas (chunks, H·D, L). A GPU store
+        unpacks and counts on the GPU (`on_device`, default: the store is not on the CPU) and copies the symbols
+        over once; a CPU store does it in numpy (torch's CPU thread pool, once woken, spins beside the coder)."""
         G, C = self.group, self.kv_heads * self.head_dim
         n, L, bits = int(self.n_prompt[b]), self.levels[x], self.dbits[x]
         ng, per, mask = -(-n // G), 8 // bits, 2**bits - 1
+        array = (coder or pool.InProcess()).array
         a, packed = self.t[f"{x}_a_sym"][b, :, :ng], self.t[f"{x}_d_sym"][b, :, :n]  # (H, ng, D), (H, n, D·b/8)
+        spans_ = self._spans(b)
         if on_device is None:
             on_device = a.device.type != "cpu"
         if on_device:
-            a = a.transpose(0, 1).to(torch.int32).reshape(ng, C)
+            a = a.transpose(0, 1).reshape(ng, C)
             keep = torch.from_numpy(non_anchor(n, G)).to(a.device)
-            packed = packed.index_select(1, keep).transpose(1, 2).to(torch.int32)
-            shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=a.device)[:, None]  # element j: bits j·b..
+            packed = packed.index_select(1, keep).transpose(1, 2)  # (H, D·b/8, n - ng)
+            shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=a.device)[:, None]  # element j: bits j·b..
             d = torch.bitwise_right_shift(packed[:, :, None], shifts).bitwise_and_(mask).reshape(C, n - ng)
+            ta = torch.stack([codec.counts(a[g0:g1], ANCHOR_LEVELS, per_channel=False) for _, _, g0, g1 in spans_])
+            td = torch.stack([codec.counts(d[:, c0 - g0:c1 - g1], L, per_channel=True) for c0, c1, g0, g1 in spans_])
+            a_host, d_host = array((ng, C)), array((C, n - ng))
+            torch.from_numpy(a_host).copy_(a)
+            torch.from_numpy(d_host).copy_(d)
+            ta, td = ta.cpu(), td.cpu()
         else:
-            a = np.ascontiguousarray(a.numpy().transpose(1, 0, 2), dtype=np.int32).reshape(ng, C)
+            a_host = array((ng, C))
+            a_host.reshape(ng, self.kv_heads, self.head_dim)[...] = a.numpy().transpose(1, 0, 2)
             packed = np.ascontiguousarray(packed.numpy().take(non_anchor(n, G), 1).transpose(0, 2, 1))
-            d = np.empty((*packed.shape[:2], per, n - ng), dtype=np.int32)  # (H, D·b/8, per, n - ng)
+            d_host = array((C, n - ng))
+            d = d_host.reshape(*packed.shape[:2], per, n - ng)  # (H, D·b/8, per, n - ng)
             for j in range(per):
-                np.bitwise_and(packed >> (j * bits), mask, out=d[:, :, j], casting="unsafe")
-            d = d.reshape(C, n - ng)
-        spans = self._spans(b)
-        stack = (lambda ts: torch.stack(ts).cpu()) if isinstance(a, torch.Tensor) else np.stack
-        ta = stack([codec.counts(a[g0:g1], ANCHOR_LEVELS, per_channel=False) for g0, g1, _, _ in spans])
-        td = stack([codec.counts(d[:, j0:j1], L, per_channel=True) for _, _, j0, j1 in spans])
-        host = lambda t: t.cpu().numpy() if isinstance(t, torch.Tensor) else t
-        return host(a), host(d).T, torch.from_numpy(codec.scaled(ta)), torch.from_numpy(codec.scaled(td))
+                np.bitwise_and(packed >> (j * bits), mask, out=d[:, :, j])
+            ta = np.stack([codec.counts(a_host[g0:g1], ANCHOR_LEVELS, per_channel=False) for _, _, g0, g1 in spans_])
+            td = np.stack([codec.counts(d_host[:, c0 - g0:c1 - g1], L, per_channel=True)
+                           for c0, c1, g0, g1 in spans_])
+        return a_host, d_host.T, torch.from_numpy(codec.scaled(ta)), torch.from_numpy(codec.scaled(td))
 
-    def encode_seq(self, b: int) -> dict:
-        """Entropy-code sequence b's prompt: per chunk one ANS stream (K then V), its uint8 tables and scales."""
-        if b in self.wire:
-            return self.wire[b]
-        spans = self._spans(b)
-        sym = {x: self._host_symbols(b, x) for x in "kv"} if spans else {}
-        streams = []
-        for ci, (g0, g1, j0, j1) in enumerate(spans):
+    def _start_encode(self, b: int, coder: pool.Coder) -> tuple[list, dict]:
+        """Bring sequence b's prompt symbols to the host (into `coder`'s arrays) and submit one ANS stream per chunk
+        (`codec.encode`, K then V parts): (the streams' jobs, {x: (anchor tables, delta tables)})."""
+        if not self._spans(b):
+            return [], {}
+        sym = {x: self._host_symbols(b, x, coder) for x in "kv"}
+        jobs = []
+        for ci, (c0, c1, g0, g1) in enumerate(self._spans(b)):
             parts = []
             for x in "kv":
-                a, d, ta, td = sym[x]
-                parts += [(a[g0:g1], ta[ci]), (d[j0:j1], td[ci])]  # (ng, H·D) + (1, 255), (n - ng, H·D) + (H·D, L)
-            streams.append(codec.encode(parts))
+                a, d, ta, td = sym[x]  # (ng, H·D) + (chunks, 1, 255); (n - ng, H·D) + (chunks, H·D, L)
+                parts += [(a[g0:g1], ta[ci].numpy()), (d[c0 - g0:c1 - g1], td[ci].numpy())]
+            jobs.append(coder.submit(codec.encode, parts))
+        return jobs, {x: sym[x][2:] for x in "kv"}
+
+    def _wire(self, b: int, streams: list[bytes], tables: dict) -> dict:
+        """Sequence b's encoded prompt: its streams back to back and their lengths, the token count, the tables (of
+        `_start_encode`) and the scales."""
         chunks = len(streams)
         wire = {"payload": torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8)
                 if streams else torch.zeros(0, dtype=torch.uint8),
                 "stream_bytes": torch.tensor([len(s) for s in streams], dtype=torch.int32),
                 "tokens": torch.tensor([int(self.n_prompt[b])], dtype=torch.int32)}
         for x in "kv":
-            for i, kind in ((2, "a_table"), (3, "d_table")):
-                wire[f"{x}_{kind}"] = sym[x][i] if chunks else torch.zeros(0, dtype=torch.uint8)
+            for i, kind in ((0, "a_table"), (1, "d_table")):
+                wire[f"{x}_{kind}"] = tables[x][i] if chunks else torch.zeros(0, dtype=torch.uint8)
         for x in "kv":
             for name in ("a_scale", "d_scale"):
                 wire[f"{x}_{name}"] = self.t[f"{x}_{name}"][b, :, :chunks].transpose(0, 1).cpu().clone()
-        self.wire[b] = wire
         return wire
+
+    def encode_seq(self, b: int) -> dict:
+        """Entropy-code sequence b's prompt: per chunk one ANS stream (K then V), its uint8 tables and scales."""
+        encode_layers([self], b)
+        return self.wire[b]
 
     def export_seq(self, b: int) -> dict[str, torch.Tensor]:
         out = dict(self.encode_seq(b))
@@ -259,43 +318,22 @@ class CacheGenLayerKV(LayerKV):
         return out
 
     def import_seq(self, b: int, state: dict[str, torch.Tensor]) -> None:
-        """Receiver: entropy-decode the prompt's symbols chunk by chunk on the host (into channel-major arrays), then
-        pack and install the whole prompt at once, one copy to the store's device per tensor (and any 16-bit tail)."""
-        if int(self.lengths[b]):
-            raise HackError("cachegen: import_seq installs a transferred sequence into an empty slot")
-        G, H, D = self.group, self.kv_heads, self.head_dim
-        state = {name: t.cpu() for name, t in state.items()}  # the entropy decoder reads host bytes
+        """Receiver: entropy-decode the prompt's symbols chunk by chunk on the host, straight into the store's layout
+        (`Decoding`), then install the whole prompt at once."""
+        Decoding(self.cfg, [state], [self.levels]).install([self], b)
+
+    def _install(self, b: int, state: dict[str, torch.Tensor], out: dict) -> None:
+        """Install a received prompt that `Decoding` decoded, out {x: (anchors (H, ng, D), packed deltas
+        (H, n, D·b/8))} uint8 on the host, with its scales and any 16-bit tail: one copy to the device per tensor."""
         n_total = int(state["tokens"][0])
+        ng, chunks = -(-n_total // self.group), len(state["stream_bytes"])
         self.n_prompt[b] = n_total
-        payload = state["payload"].numpy().tobytes()
-        C, ng = H * D, -(-n_total // G)
-        a_host = {x: np.empty((ng, C), dtype=np.uint8) for x in "kv"}  # row-major, as encoded
-        d_host = {x: np.empty((C, n_total - ng), dtype=np.uint8) for x in "kv"}  # channel-major
-        offset = 0
-        for ci, (g0, g1, j0, j1) in enumerate(self._spans(b)):
-            size = int(state["stream_bytes"][ci])
-            shapes, tables, out = [], [], []
-            for x in "kv":
-                shapes += [(g1 - g0, C), (j1 - j0, C)]
-                tables += [state[f"{x}_a_table"][ci], state[f"{x}_d_table"][ci]]
-                out += [a_host[x][g0:g1], d_host[x][:, j0:j1].T]
-            codec.decode(payload[offset:offset + size], shapes, tables, out=out)
-            offset += size
-        chunks = len(state["stream_bytes"])
         for name, size in (("a_sym", ng), ("d_sym", n_total), ("a_scale", chunks), ("d_scale", chunks)):
             for x in "kv":  # allocate once, not chunk by chunk
                 self.t[f"{x}_{name}"] = grow(self.t[f"{x}_{name}"], size)
         for x in "kv":
-            bits = self.dbits[x]
-            per, zero = 8 // bits, (self.levels[x] - 1) // 2  # codes per byte; anchors hold the zero delta
-            cm = d_host[x].reshape(H, D // per, per, n_total - ng)  # element j of a byte: bits [j·b, (j+1)·b)
-            packed = cm[:, :, 0].copy()
-            for j in range(1, per):
-                packed |= cm[:, :, j] << (j * bits)
-            fill = sum(zero << (j * bits) for j in range(per))
-            d_sym = with_anchor_slots(packed.transpose(0, 2, 1), n_total, G, fill)  # (H, n, D·b/8)
-            self.t[f"{x}_a_sym"][b, :, :ng] = torch.from_numpy(a_host[x]).view(ng, H, D).transpose(0, 1).to(self.device)
-            self.t[f"{x}_d_sym"][b, :, :n_total] = torch.from_numpy(d_sym).to(self.device)
+            self.t[f"{x}_a_sym"][b, :, :ng].copy_(torch.from_numpy(out[x][0]))
+            self.t[f"{x}_d_sym"][b, :, :n_total].copy_(torch.from_numpy(out[x][1]))
             for name in ("a_scale", "d_scale"):
                 self.t[f"{x}_{name}"][b, :, :chunks] = state[f"{x}_{name}"].transpose(0, 1).to(self.device)
         nt = state["tail_k"].shape[1] if "tail_k" in state else 0
@@ -336,6 +374,97 @@ class CacheGenLayerKV(LayerKV):
         return total
 
 
+def encode_layers(stores: list[CacheGenLayerKV], b: int) -> None:
+    """Entropy-code sequence b's prompt in every store not yet coded (each store's `wire[b]`): one ANS stream per
+    (layer, chunk), all submitted at once (a layer's symbols come to the host while earlier layers' streams are
+    coded) on the coder pool when it pays (`cachegen_pool.coder`), in this process otherwise; the same bytes either
+    way."""
+    todo = [s for s in stores if b not in s.wire]
+    if not todo:
+        return
+    shapes = [shape for s in todo for shape in s._symbol_shapes(b)]
+    symbols = sum(math.prod(shape) for shape in shapes)
+    with pool.coder(todo[0].cfg.coder_workers, symbols, pool.arena_bytes(shapes)) as coder:
+        started = [s._start_encode(b, coder) for s in todo]
+        for s, (jobs, tables) in zip(todo, started):
+            s.wire[b] = s._wire(b, pool.gather(jobs), tables)
+
+
+class Decoding:
+    """A received CacheGen payload of every layer (their `export_seq` dicts) being entropy-decoded, one job per
+    (layer, chunk) straight into the stores' layout (`decode_chunk`): on the coder pool from construction on, in the
+    background (the decode worker builds it when the payload arrives: `Method.prepare_import`), or in this process
+    once `install` asks for the symbols. levels: each layer's delta levels {"k": L, "v": L}."""
+
+    def __init__(self, cfg: Config, states: list[dict[str, torch.Tensor]], levels: list[dict[str, int]]):
+        self.states = [{name: t.cpu() for name, t in st.items()} for st in states]  # the decoder reads host bytes
+        shapes = [self._shapes(st, lv, cfg.group) for st, lv in zip(self.states, levels)]
+        symbols = sum(2 * int(st["tokens"][0]) * math.prod(st["k_a_scale"].shape[1:]) for st in self.states)
+        arrays = [tuple(st["payload"].shape) for st in self.states] + \
+            [shape for sh in shapes for pair in sh.values() for shape in pair]
+        self.coder = pool.coder(cfg.coder_workers, symbols, pool.arena_bytes(arrays))
+        self.out = [{x: tuple(self.coder.array(shape) for shape in sh[x]) for x in "kv"} for sh in shapes]
+        self.jobs = [job for st, out, lv in zip(self.states, self.out, levels)
+                     for job in self._submit(st, out, lv, cfg)]
+
+    @staticmethod
+    def _shapes(state: dict, levels: dict[str, int], group: int) -> dict[str, tuple]:
+        """The store-layout arrays one layer decodes into: {x: ((H, ng, D) anchors, (H, n, D·b/8) packed deltas)}."""
+        n = int(state["tokens"][0])
+        _, H, D = state["k_a_scale"].shape  # (chunks, H, D)
+        return {x: ((H, -(-n // group), D), (H, n, D * storage_bits(levels[x]) // 8)) for x in "kv"}
+
+    def _submit(self, state: dict, out: dict, levels: dict[str, int], cfg: Config) -> list:
+        """One `decode_chunk` job per chunk of one layer's streams."""
+        payload = self.coder.share(state["payload"].numpy())
+        ends = state["stream_bytes"].long().cumsum(0).tolist()
+        bits = [storage_bits(levels[x]) for x in "kv"]
+        zero = [(levels[x] - 1) // 2 for x in "kv"]
+        jobs = []
+        for ci, (c0, c1, g0, g1) in enumerate(spans(int(state["tokens"][0]), cfg.group, cfg.chunk)):
+            stream = payload[ends[ci] - int(state["stream_bytes"][ci]):ends[ci]]
+            tables = [state[f"{x}_{kind}"][ci].numpy() for x in "kv" for kind in ("a_table", "d_table")]
+            jobs.append(self.coder.submit(decode_chunk, stream, tables, [out[x][0][:, g0:g1] for x in "kv"],
+                                          [out[x][1][:, c0:c1] for x in "kv"], cfg.group, bits, zero))
+        return jobs
+
+    def install(self, stores: list[CacheGenLayerKV], b: int) -> None:
+        """Wait for the symbols and install layer i's into sequence b (empty) of stores[i]."""
+        if any(int(s.lengths[b]) for s in stores):
+            raise HackError("cachegen: import_seq installs a transferred sequence into an empty slot")
+        done = False
+        try:
+            pool.gather(self.jobs)
+            done = True
+            for i, store in enumerate(stores):
+                store._install(b, self.states[i], self.out[i])
+        finally:
+            self.jobs = self.out = None  # the arrays go before their arena
+            self.coder.close(done)
+
+
 class Method(KVMethod):
     def new_layer(self, layer_idx, num_layers, batch, kv_heads, head_dim, device, dtype):
         return CacheGenLayerKV(self.config, layer_idx, num_layers, batch, kv_heads, head_dim, device, dtype)
+
+    @property
+    def decodes_ahead(self) -> bool:
+        return pool.resolve(self.config.coder_workers) > 1
+
+    def warm_up(self) -> None:
+        """Start the coder pool's processes (seconds of imports) before the first request."""
+        if self.decodes_ahead:
+            pool.get_pool(pool.resolve(self.config.coder_workers)).start()
+
+    def export_layers(self, stores: list[CacheGenLayerKV], b: int) -> list[dict[str, torch.Tensor]]:
+        encode_layers(stores, b)  # every layer's streams at once
+        return [s.export_seq(b) for s in stores]
+
+    def prepare_import(self, states: list[dict[str, torch.Tensor]]) -> Decoding:
+        num = len(states)
+        return Decoding(self.config, states, [dict(zip("kv", level_counts(self.config, i, num))) for i in range(num)])
+
+    def import_layers(self, stores: list[CacheGenLayerKV], b: int, prepared) -> None:
+        if not isinstance(prepared, Decoding):  # the payload as received
+            prepared = Decoding(self.config, prepared, [s.levels for s in stores])
+        prepared.install(stores, b)

@@ -9,7 +9,8 @@ Stream layout (what the decoder pops, in reverse): part by part; a shared-table 
 order, one `encode_reverse` over the whole block; a per-channel part channel after channel, each channel's m
 symbols under that channel's model. Speed: constriction holds the GIL and codes ~100 M symbols/s per core when it
 gets whole arrays, so each call is one contiguous int32 array with one prebuilt model; per-channel parts want
-column-contiguous (Fortran-order, e.g. the `.T` of a channel-major array) symbols and are converted at most once.
+column-contiguous (Fortran-order, e.g. the `.T` of a channel-major array) symbols and are converted (from uint8, as
+CacheGen holds them) at most once. The streams of one request are coded on worker processes (`cachegen_pool`).
 Functions take numpy arrays or torch tensors. `counts` + `scaled` make the tables (`freq_table` for one block).
 """
 from __future__ import annotations
@@ -88,7 +89,8 @@ def encode(parts: list[tuple]) -> bytes:
 
 
 def decode(payload: bytes, shapes: list[tuple[int, int]], tables: list, out: list | None = None) -> list:
-    """Inverse of `encode`: shapes [(m, C)] and tables of each part -> symbols (m, C) uint8 per part (torch).
+    """Inverse of `encode`: the stream (bytes or a uint8 array), shapes [(m, C)] and tables of each part -> symbols
+    (m, C) uint8 per part (torch).
     `out`, if given, holds one writable (m, C) numpy array per part (uint8 or wider; best with each channel
     contiguous, e.g. a column slice of a channel-major array, transposed) that the symbols are decoded into
     instead, and is returned."""

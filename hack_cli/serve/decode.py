@@ -6,8 +6,14 @@ Semantics (the simulator, `hack_cli.sim`, mirrors them):
     the prompt and every output token), and sum(reserve of admitted) <= cluster.decode_kv_budget_gb. Admission
     stops at the first request that does not fit (no overtaking). A request larger than the whole budget is an
     error.
-  * Admission installs the payload: `import_seq` into one fresh `LayerKV` per layer (HACK keeps the quantized
-    pages as they are; other methods do what their design does: entropy-decode, dequantize, ...).
+  * Admission installs the payload: `import_seq` into one fresh `LayerKV` per layer (`KVMethod.import_layers`;
+    HACK keeps the quantized pages as they are; other methods do what their design does: entropy-decode,
+    dequantize, ...). A method that decodes ahead (`KVMethod.decodes_ahead`: CacheGen on coder processes) starts
+    when the payload is received (`receive`: unpacked, its entropy decoding submitted to the pool in the
+    background) while the loop keeps stepping; admission then waits for whatever of that work is left and installs
+    the symbols. The `install` phase is what remains on the request's critical path at admission: all of the
+    work for other methods, the unfinished decoding plus the copy to the device for CacheGen; the receive-side
+    start (unpacking, submitting) falls in the request's `queue_decode`.
   * Every iteration, every admitted request produces one token. The model's linear layers run once over the
     whole batch (B, 1); attention runs per request over its own store (`RaggedStores`: one `attend` per request;
     the kernels' ragged-batch attention can replace that loop without changing anything else).
@@ -102,7 +108,7 @@ class DecodeEngine:
         self.dtype = next(model.parameters()).dtype
         self.budget = budget_bytes
         self.used = 0
-        self.waiting: deque = deque()  # (record, manifest, payload, first token)
+        self.waiting: deque = deque()  # (record, manifest, payload, first token, prepared import or None)
         self.active: list[Active] = []
         self.done = 0
         self.tokens_file = open(tokens_path, "w") if tokens_path else None  # jct.save_tokens: outputs, per request
@@ -123,7 +129,14 @@ class DecodeEngine:
                             recv_end=recv_end - self.t0, payload_bytes=int(h[H_PAYLOAD_BYTES]),
                             bytes_sent=int(h[H_PAYLOAD_BYTES] + h[H_MANIFEST_BYTES]) + HEADER_LEN * 8)
         rec.kv_reserved_bytes = math.ceil(rec.payload_bytes * (rec.prompt_len + rec.output_len) / rec.prompt_len)
-        self.waiting.append((rec, manifest, payload, int(h[H_FIRST_TOKEN])))
+        prepared = None
+        if self.method.decodes_ahead:  # decoding starts now, in the background; the payload is no longer needed
+            prepared, payload = self.method.prepare_import(self.unpack(manifest, payload)), None
+        self.waiting.append((rec, manifest, payload, int(h[H_FIRST_TOKEN]), prepared))
+
+    def unpack(self, manifest, payload: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """A received payload's tensors on this worker's device, one dict per layer."""
+        return unpack_payload(payload.to(self.device), manifest, self.layers)
 
     def room(self, rec: RequestRecord) -> bool:
         """Whether `rec` may be admitted now: its reservation fits what is left of the budget."""
@@ -131,10 +144,10 @@ class DecodeEngine:
 
     def admit(self) -> None:
         while self.waiting and self.room(self.waiting[0][0]):
-            rec, manifest, payload, first = self.waiting.popleft()
+            rec, manifest, payload, first, prepared = self.waiting.popleft()
             rec.admit = self.now()
             self.used += rec.kv_reserved_bytes
-            stores = self.install(manifest, payload, rec)
+            stores = self.install(manifest, payload, rec, prepared)
             sync(self.device)
             rec.install_end = self.now()
             act = Active(rec, stores, first, rec.prompt_len, rec.output_len - 1, [first])
@@ -147,14 +160,15 @@ class DecodeEngine:
             raise HackError(f"request {rec.rid} needs {rec.kv_reserved_bytes / 1e9:.3f} GB of decode KV, more than "
                             f"the whole cluster.decode_kv_budget_gb={self.budget / 1e9:g}")
 
-    def install(self, manifest, payload: torch.Tensor, rec: RequestRecord | None = None) -> list:
-        state = unpack_payload(payload.to(self.device), manifest, self.layers)
-        stores = []
-        for layer in range(self.layers):
-            store = self.method.new_layer(layer, self.layers, 1, self.kv_heads, self.head_dim, self.device,
-                                          self.dtype)
-            store.import_seq(0, state[layer])
-            stores.append(store)
+    def install(self, manifest, payload: torch.Tensor | None, rec: RequestRecord | None = None,
+                prepared=None) -> list:
+        """A request's payload installed into fresh stores, one per layer. prepared: what `receive` started for it
+        (`KVMethod.prepare_import`), if anything; otherwise the payload is unpacked here."""
+        if prepared is None:
+            prepared = self.method.prepare_import(self.unpack(manifest, payload))
+        stores = [self.method.new_layer(layer, self.layers, 1, self.kv_heads, self.head_dim, self.device, self.dtype)
+                  for layer in range(self.layers)]
+        self.method.import_layers(stores, 0, prepared)
         return stores
 
     @torch.no_grad()

@@ -27,7 +27,6 @@ import torch
 
 from hack_cli.errors import HackError
 from hack_cli.serve.decode import Active, DecodeEngine
-from hack_cli.serve.link import unpack_payload
 from hack_cli.serve.metrics import RequestRecord
 from hack_cli.serve.slots import IDS, POS, Slots, make_slots, slots_class
 
@@ -167,10 +166,12 @@ class GraphDecodeEngine(DecodeEngine):
     def room(self, rec: RequestRecord) -> bool:
         return bool(self.slots.free) and super().room(rec)
 
-    def install(self, manifest, payload: torch.Tensor, rec: RequestRecord | None = None) -> int:
-        state = unpack_payload(payload.to(self.device), manifest, self.layers)
+    def install(self, manifest, payload: torch.Tensor | None, rec: RequestRecord | None = None,
+                prepared=None) -> int:
+        if prepared is None:
+            prepared = self.method.prepare_import(self.unpack(manifest, payload))
         b = self.slots.take()
-        self.slots.install(b, state, rec.prompt_len + rec.output_len if rec else 0)
+        self.slots.install(b, prepared, rec.prompt_len + rec.output_len if rec else 0)
         return b
 
     def release(self, a: Active) -> int:

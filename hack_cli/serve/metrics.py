@@ -12,7 +12,8 @@ and the phases between consecutive timestamps, which therefore add up to jct = f
   queue_link     waiting for the link to finish sending earlier requests' payloads (FCFS)
   transfer       the payload crossing the rate-limited link, chunked, until its last byte is received
   queue_decode   waiting for decode admission (FCFS; the request's KV at full length must fit the budget)
-  install        installing the payload into the decode-side stores (unpacking, entropy decoding, dequantizing)
+  install        installing the payload into the decode-side stores (unpacking, entropy decoding, dequantizing):
+                 what of it remains at admission (CacheGen's decoding starts in the background at receive)
   decode         decode iterations until the last output token
 The prefill produces output token 1, emitted by the decode instance once the KV is installed, so
 first_token = install_end, ttft = first_token - arrival, and the remaining output_len - 1 tokens take one decode

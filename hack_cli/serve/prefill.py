@@ -2,8 +2,9 @@
 
 For each request: wait for its arrival, run the model's prefill over a random-token prompt with a fresh
 `MethodCache` (phase `prefill`; the method quantizes each layer's K/V inside the forward), export every layer
-store's wire payload with `export_seq(0)` and pack it into one buffer (phase `compress`), and hand it to the
-link's sender thread, which sends it while the next request is prefilled.
+store's wire payload (`KVMethod.export_layers`: each store's `export_seq(0)`; CacheGen entropy-codes all layers'
+streams at once on its coder processes) and pack it into one buffer (phase `compress`), and hand it to the link's
+sender thread, which sends it while the next request is prefilled.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def prefill_payload(model, method, ids: torch.Tensor):
 
 
 def export_payload(cache) -> list[dict[str, torch.Tensor]]:
-    return [store.export_seq(0) for store in cache.stores]
+    """The wire payload of the cache's one sequence, one dict per layer."""
+    return cache.method.export_layers(cache.stores, 0)
 
 
 @torch.no_grad()

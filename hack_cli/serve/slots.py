@@ -3,7 +3,7 @@ kernel call per layer — the storage of the graph decode engine (`hack_cli/serv
 
 A slot is one request's place in the decode batch: sequence b of each layer's `LayerKV`, built with batch = slots and
 every tensor allocated at full capacity up front, so nothing moves during a run and a captured CUDA graph stays
-valid. The method's own code installs a payload (`import_seq`); between steps, HACK's full open blocks are closed
+valid. The method's own code installs a payload (`import_layers`); between steps, HACK's full open blocks are closed
 and KIVI's full residual flushed with the method's quantizer over every layer at once (the layers' tensors are views
 of one tensor per name with a leading layer axis, `_allocate_all`), not one layer at a time. The host keeps each
 slot's counters and writes them, with the step's token ids and positions, into one device tensor before each step.
@@ -125,12 +125,12 @@ class Slots:
             raise HackError("no free decode slot")  # the engine admits only when one is free
         return heapq.heappop(self.free)
 
-    def install(self, b: int, state: list[dict], tokens: int) -> None:
-        """One request's payload (one dict per layer, `export_seq`'s) into slot b."""
+    def install(self, b: int, state, tokens: int) -> None:
+        """One request's payload into slot b: one dict per layer (`export_seq`'s), or what the method's
+        `prepare_import` made of them."""
         if tokens > self.capacity:
             raise HackError(f"a request of {tokens} tokens does not fit decode slots of {self.capacity}")
-        for layer, st in zip(self.layers, state):
-            layer.import_seq(b, st)
+        self.method.import_layers(self.layers, b, state)
         for name in self.counters:
             self.count[name][b] = int(getattr(self.layers[0], name)[b])
 
@@ -196,7 +196,9 @@ class FP16Slots(Slots):
 class DecodedSlots(FP16Slots):
     """Methods whose decode side turns the payload into ordinary 16-bit K/V at install and attends it like fp16:
     CacheGen (its receiver entropy-decodes and dequantizes, HACK.md §7). The slots hold 16 bits, so a request's
-    reservation and stored bytes are fp16's (`GraphDecodeEngine`), and install time includes the decoding."""
+    reservation and stored bytes are fp16's (`GraphDecodeEngine`), and install time includes what is left of the
+    decoding (CacheGen's entropy decoding starts when the payload arrives, on its coder processes) and the
+    dequantization."""
 
     def __init__(self, method, num_layers: int, *args, **kwargs):
         from hack_cli.methods.fp16 import Config, Method
@@ -211,14 +213,17 @@ class DecodedSlots(FP16Slots):
         if method.name != "cachegen":
             raise HackError(f"decoded slots take CacheGen payloads, not {method.name!r}")
 
-    def install(self, b: int, state: list[dict], tokens: int) -> None:
+    def install(self, b: int, state, tokens: int) -> None:
+        """The payload installed into one fresh store of the source method per layer (all layers' entropy decoding
+        at once), then each layer dequantized into slot b's 16-bit K/V and its store dropped."""
         if tokens > self.capacity:
             raise HackError(f"a request of {tokens} tokens does not fit decode slots of {self.capacity}")
         layers = len(self.layers)
-        for i, (layer, st) in enumerate(zip(self.layers, state)):
-            src = self.source.new_layer(i, layers, 1, layer.kv_heads, layer.head_dim, self.device, layer.dtype)
-            src.import_seq(0, st)
-            k, v = src.decoded_seq(0)  # (H, n, D)
+        sources = [self.source.new_layer(i, layers, 1, layer.kv_heads, layer.head_dim, self.device, layer.dtype)
+                   for i, layer in enumerate(self.layers)]
+        self.source.import_layers(sources, 0, state)
+        for layer in self.layers:
+            k, v = sources.pop(0).decoded_seq(0)  # (H, n, D)
             layer.import_seq(b, {"k": k, "v": v})
         self.count["lengths"][b] = int(self.layers[0].lengths[b])
 

@@ -91,6 +91,7 @@ def warm_up(model, method, device, wire, tokens: int = 64, steps: int = 132) -> 
     from hack_cli.serve.metrics import RequestRecord
     from hack_cli.serve.prefill import export_payload, prefill_payload, prompt_ids
 
+    method.warm_up()  # processes the method serves with (CacheGen's coder pool) start here, not in a request
     ids = prompt_ids(0, -1, tokens, model.config.get_text_config().vocab_size, device)
     cache, first = prefill_payload(model, method, ids)
     buf, manifest = pack_payload(export_payload(cache))

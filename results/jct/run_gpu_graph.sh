@@ -9,9 +9,9 @@
 # PART=short: the short preset (40 requests, 3 warm-up) at 10 Gbps: fp16 and HACK (fp16 operands) at 0.75 and 0.5
 #   req/s, then CacheGen (10 requests) at 0.25 and KIVI at 0.5.
 # PART=baselines: the short preset at 10 Gbps: KIVI at 0.75 and 0.5 req/s, CacheGen (10 requests) at 0.5.
-# PART=peers: the long preset: KIVI at 0.45 req/s and CacheGen (its coder on a process pool) at 0.3 over 10 Gbps,
-#   then 8 requests (1 warm-up) over 50 Gbps and 6 over 1 Gbps of HACK (fp16 operands), KIVI, CacheGen (and fp16 at
-#   50 Gbps; fp16 over 1 Gbps needs ~16 s a request: §2d has it).
+# PART=peers: the long preset: KIVI at 0.45 req/s over 10 Gbps, 8 requests (1 warm-up) over 50 Gbps and 6 over
+#   1 Gbps of HACK (fp16 operands), KIVI and fp16 (50 Gbps only: over 1 Gbps fp16 needs ~16 s a request, §2d has
+#   it), then CacheGen (its coder on a process pool) at the three bandwidths.
 # Needs omegaconf (the device machines lack it): wheels in .whl/ are installed to /tmp/site first.
 set -o pipefail
 source results/jct/gpu_env.sh
@@ -33,9 +33,10 @@ case ${PART:-rates} in
     timeout ${MAIN_TIMEOUT:-560} python3 -m hack_cli.serve.bench_gpu ${COMMON/long/short} --warmup 3 \
       --out $OUT_DIR/baselines --run kivi:0.75:10:40 --run kivi:0.5:10:40 --run cachegen:0.5:10:10 ;;
   peers)
+    df -h /dev/shm /tmp | tail -2
     timeout ${MAIN_TIMEOUT:-580} python3 -m hack_cli.serve.bench_gpu $COMMON --warmup 3 --out $OUT_DIR/peers \
-      --run kivi:0.45:10:24 --run cachegen:0.3:10:24 --run hack,operand=fp16:0.3:50:8:1 --run kivi:0.3:50:8:1 \
-      --run cachegen:0.3:50:8:1 --run fp16:0.3:50:8:1 --run hack,operand=fp16:0.3:1:6:1 --run kivi:0.3:1:6:1 \
+      --run kivi:0.45:10:24 --run hack,operand=fp16:0.3:50:8:1 --run kivi:0.3:50:8:1 --run fp16:0.3:50:8:1 \
+      --run hack,operand=fp16:0.3:1:6:1 --run kivi:0.3:1:6:1 --run cachegen:0.3:10:24 --run cachegen:0.3:50:8:1 \
       --run cachegen:0.3:1:6:1 ;;
   cachegen)
     timeout ${MAIN_TIMEOUT:-580} python3 -m hack_cli.serve.bench_gpu $COMMON --warmup 3 --out $OUT_DIR/rates \
