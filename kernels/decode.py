@@ -396,7 +396,7 @@ def pow2(n: int) -> int:
 def plan_splits(programs: int, max_blocks: int, device, waves: float = 4) -> tuple[int, int]:
     """(splits, blocks per split) with programs · splits <= waves · SMs (1 split in the interpreter): `waves` is the
     programs an SM holds at once, so the full-length programs run in whole rounds. Rounding the splits up instead
-    left a second round of a few full programs: 1.3–1.5x slower at batch 8 on an H100 (kernels/NOTES.md v10)."""
+    left a second round of a few full programs: 1.35–1.50x slower at batch 8 on an H100 (kernels/NOTES.md v10)."""
     if interpreting() or max_blocks == 0:
         return 1, max(max_blocks, 1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -422,8 +422,9 @@ def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int
 
     max_blocks: max over sequences of n_closed (pass it to avoid a device sync). num_warps=2 measured fastest on
     H100 (kernels/NOTES.md); waves: programs per SM when choosing the number of splits (`plan_splits`; 4 = what an
-    H100 SM holds of this kernel at 2 warps, measured best at batch 1 and 8). blocks_per_iter: NB closed blocks per loop step (1, 2 or 4; None:
-    `blocks_per_iter_default`); only the channel layout with fp16 operands takes NB > 1, the others run NB = 1.
+    H100 SM holds of this kernel at 2 warps, measured best at batch 1 and 8). blocks_per_iter: NB closed blocks per
+    loop step (1, 2 or 4; None: `blocks_per_iter_default`); only the channel layout with fp16 operands takes NB > 1,
+    the others run NB = 1.
     """
     B, Hq, D = q.shape
     H = kv.k_codes.shape[1]

@@ -8,7 +8,8 @@ Coding the streams apart gives the very bytes of coding them one after the other
 
 No symbols cross the pipes: a request's arrays (symbols to encode; compressed streams and decoded symbols) live in
 one `Arena`, a memory-mapped file every worker maps too (in /dev/shm, or the temporary directory when /dev/shm is
-small; kept for the next request once it is done: a fresh file's first touch of every page is the costly part), and a job carries `Ref`s (offset, shape, strides) into it plus its small frequency tables.
+small; kept for the next request once it is done: a fresh file's first touch of every page is the costly part),
+and a job carries `Ref`s (offset, shape, strides) into it plus its small frequency tables.
 `coder(workers, symbols, nbytes)` picks where a request is coded; both kinds take jobs with `submit(fn, *args)`:
   * `InProcess`: in this process, each job run when `gather` asks for its result (one worker, or too little work
     to repay the pool's round trips; a decode prepared ahead then runs at install, not at receive);

@@ -60,8 +60,8 @@ def build_specs(args) -> list:
             method, *fields = method.split(",")
             override = {k: yaml.safe_load(v) for k, v in (f.split("=") for f in fields)}
         except ValueError:
-            raise HackError(f"--run {item!r}: expected METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS[:WARMUP]") \
-                from None
+            raise HackError(f"--run {item!r}: expected "
+                            "METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS[:WARMUP]") from None
         root = OmegaConf.create({"model": model_node, "quant": conf("quant", method, **override)})
         OmegaConf.resolve(root)  # e.g. kvquant's calibration path names ${model.name}
         qnode = root.quant
@@ -87,7 +87,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget-gb", type=float, help="cluster.decode_kv_budget_gb")
     p.add_argument("--trace", default="small")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--run", action="append", required=True, help="METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS[:WARMUP]")
+    p.add_argument("--run", action="append", required=True,
+                   help="METHOD[,FIELD=VALUE...]:RATE:BANDWIDTH_GBPS:NUM_REQUESTS[:WARMUP]")
     p.add_argument("--stall-timeout-s", type=float, default=120.0)
     p.add_argument("--chunk-mb", type=float, default=32.0)
     p.add_argument("--seed", type=int, default=0)
