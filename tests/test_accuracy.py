@@ -238,8 +238,9 @@ def test_tiny_sweep_builds_the_sweep_table(tmp_path):
 def test_methods_list_adds_configs_and_rejects_unknown_ones(tmp_path):
     out = tmp_path / "run"
     hack("eval", "accuracy", *TINY, "quant=fp16", "accuracy.limit=1", f"out_dir={out}",
-         "accuracy.methods=[{quant: hack, partition: 32},{quant: hack_v1}]")
-    assert {r["method"] for r in rows(out / "samples.jsonl")} == {"fp16", "hack-channel-b2-p32", "hack-token-b2-p64"}
+         "accuracy.methods=[{quant: hack, partition: 32},{quant: hack_v1},{quant: hack, layout: token}]")
+    assert {r["method"] for r in rows(out / "samples.jsonl")} == {  # hack_v1 also changes rounding, sinks, prefill
+        "fp16", "hack-channel-b2-p32", "hack-token-b2-p64-sr-s0-qp", "hack-token-b2-p64"}
     import subprocess
     import sys
 

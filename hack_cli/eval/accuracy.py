@@ -69,7 +69,10 @@ def method_config(entry: dict, root: Optional[dict] = None):
 
 
 def method_label(quant) -> str:
-    """Short name of a method config for tables: name, layout, bits and partition where set (hack-channel-b2-p64)."""
+    """Short name of a method config for tables: name, layout, bits and partition where set (hack-channel-b2-p64),
+    then HACK's departures from the artifact's settings: stochastic rounding (sr), sink tokens other than 4 (s0),
+    homomorphic prefill (qp). `quant=hack_v1` is hack-token-b2-p64-sr-s0-qp; `quant=hack layout=token` changes the
+    layout alone: hack-token-b2-p64."""
     parts = [quant.name]
     if getattr(quant, "layout", None):
         parts.append(quant.layout)
@@ -77,6 +80,10 @@ def method_label(quant) -> str:
         parts.append(f"b{quant.bits}")
     if quant.partition is not None and quant.name != "fp16":
         parts.append(f"p{quant.partition}")
+    if quant.name == "hack":
+        parts += ["sr"] if quant.rounding == "stochastic" else []
+        parts += [f"s{quant.sink_tokens}"] if quant.sink_tokens != 4 else []
+        parts += ["qp"] if quant.quantized_prefill else []
     return "-".join(parts)
 
 

@@ -74,8 +74,8 @@ class KVMethodLM(HFLM):
         if p is None or p[0].shape != context.shape or not (p[0].eq(context).all() and p[1].eq(mask).all()):
             record = make_cache(self.model, make_method("fp16"), mask)
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) as generate numbers left-padded tokens
-            logits = self.model(input_ids=context, attention_mask=mask, position_ids=positions,
-                                **{cache_keyword(self.model): record}).logits
+            logits = self.model(input_ids=context, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                                **{cache_keyword(self.model): record}).logits  # (B, 1, V): not (B, T, V)
             first = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
             self._prefilled = p = (context, mask, first, record)
         _, _, first, record = p

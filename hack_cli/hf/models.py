@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from typing import Union
 
@@ -57,10 +58,15 @@ def _convert_gguf(mc: ModelConfig, target: Path) -> None:
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
     clean = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     clean.load_state_dict(gguf_model.state_dict(), strict=False)  # tied embeddings appear once
-    tmp = target.with_suffix(".partial")
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")  # one per process: jobs may start together
     clean.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(src, gguf_file=fname).save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same conversion first: keep its copy
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)
 
 
 def load_model(spec: Union[str, ModelConfig], device: Union[str, torch.device] = "cpu"):
