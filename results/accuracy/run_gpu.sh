@@ -64,7 +64,7 @@ EOF
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       ${WHEELS:-.acc/p0/*.whl /tmp/acc_in/*.whl} || exit 1  # WHEELS: a later bundle's alone
     cp .acc/*/*.safetensors /tmp/acc_in/ 2>/dev/null  # KVQuant calibrations carried beside the bundles
-    [ -e /tmp/site/antlr4 ] || [ ! -e /tmp/acc_in/sdist_site.tgz ] || tar xzf /tmp/acc_in/sdist_site.tgz -C /tmp/site  # sdist-only, pure Python
+    [ -e /tmp/site/antlr4 ] || [ ! -e /tmp/acc_in/sdist_site.tgz ] || tar xzf /tmp/acc_in/sdist_site.tgz -C /tmp/site
     for m in ${MODELS:-smollm2}; do
       python3 -c "from hack_cli.hf import load_model; load_model('$m'); print('$m ready')" 2>&1 | tail -1
     done ;;
