@@ -72,6 +72,7 @@ class ModelConfig:
     architecture: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs incl. model_type
     dtype: str = "float32"  # float32 | float16 | bfloat16
     max_context: int = 8192
+    tokenizer_check: Optional[list[int]] = None  # ids of models.PROBE_TEXT: a tokenizer converted otherwise stops
 
     def __post_init__(self):
         check_choice("model.weights", self.weights, ("pretrained", "random"))

@@ -186,6 +186,16 @@ def test_ruler_tasks_generate_offline_with_the_needle_inside_and_repeat_with_the
     assert docs_of(again[0]) == docs_of(tasks[0])
 
 
+def test_ruler_documents_without_a_reference_answer_are_left_out(monkeypatch):
+    from hack_cli.eval.tasks import ruler
+
+    made = [{"input": "a", "outputs": ["x"], "gen_prefix": ""}, {"input": "b", "outputs": [], "gen_prefix": ""}]
+    monkeypatch.setattr(ruler, "generate", lambda *args: list(made))
+    options = {"tasks": ["cwe"], "lengths": [1024], "samples": 2}
+    (task,) = build(DatasetConfig(name="ruler", options=options), byte_tokenizer(), None, 0)
+    assert [d["input"] for d in docs_of(task)] == ["a"]  # scoring "b" would divide by zero
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def hack(*args):
     """The CLI in a child process: lm-eval's logging setup inside pytest's per-test capture otherwise breaks

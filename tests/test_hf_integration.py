@@ -56,6 +56,16 @@ def test_unsupported_architecture_is_a_clear_error():
         prepare_model(model)
 
 
+def test_a_tokenizer_converted_differently_stops_loading():
+    from hack_cli.hf.models import model_config
+
+    right = model_config("smollm2")
+    assert load_model(right)[1] is not None  # the packaged tokenizer gives conf/model/smollm2.yaml's ids
+    right.tokenizer_check = right.tokenizer_check[:-1] + [right.tokenizer_check[-1] + 1]
+    with pytest.raises(HackError, match="tokenizer .* gives .* not model.tokenizer_check"):
+        load_model(right)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     model, tok = load_model("smollm2")

@@ -18,6 +18,9 @@ from hack_cli.config import ModelConfig
 from hack_cli.errors import HackError
 
 
+PROBE_TEXT = "The needle is 7 words."  # `model.tokenizer_check` holds its ids under the tokenizer the results used
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("HACK_CACHE_DIR", Path.home() / ".cache" / "hack")) / "models"
 
@@ -97,4 +100,12 @@ def load_model(spec: Union[str, ModelConfig], device: Union[str, torch.device] =
         except OSError as e:
             raise HackError(f"model {mc.name}: cannot load {source} ({str(e).splitlines()[0]}); offline, set "
                             "model.path to a local copy") from None
+    if tokenizer is not None and mc.tokenizer_check is not None:
+        ids = tokenizer(PROBE_TEXT).input_ids
+        if list(ids) != list(mc.tokenizer_check):
+            import transformers
+
+            raise HackError(f"model {mc.name}: its tokenizer (from {source}, transformers {transformers.__version__}) "
+                            f"gives {list(ids)[:8]} for {PROBE_TEXT!r}, not model.tokenizer_check "
+                            f"{list(mc.tokenizer_check)[:8]}: it was converted differently; results would not compare")
     return model.to(device).eval(), tokenizer

@@ -25,9 +25,9 @@ SAMPLES=${SAMPLES:-300}
 BATCH=${BATCH:-25}
 # fp16 is each job's baseline; hack_v1 (homomorphic prefill on the PyTorch reference: the prefill kernel covers the
 # channel layout only) runs as its own job per model so that it does not hold the others back.
-METHODS='[{quant: hack, partition: 32},{quant: hack, partition: 64},{quant: hack, partition: 128},'\
+METHODS=${METHODS:-'[{quant: hack, partition: 32},{quant: hack, partition: 64},{quant: hack, partition: 128},'\
 '{quant: hack, layout: token},{quant: cachegen},{quant: kivi},'\
-"{quant: kvquant, calibration: /tmp/acc_in/${MODEL:-smollm2}.safetensors}]"
+"{quant: kvquant, calibration: /tmp/acc_in/${MODEL:-smollm2}.safetensors}]"}
 
 job() {  # job NAME GPU ARGS...: one detached `hack eval accuracy` run, resumable, logging to $RUNS/NAME.log
   local name=$1 gpu=$2; shift 2
