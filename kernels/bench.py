@@ -323,7 +323,7 @@ def precompile(cfg: KernelBenchConfig, cases: list) -> None:
     if "errors" in cfg.sections and Path(cfg.kv_file).exists():
         jobs |= {("smollm2", (h,), (), (), ()) for h in error_cfgs(cfg)} | {("smollm2", (), (), (2, 4), ())}
     if "prefill" in cfg.sections:
-        jobs |= {(cfg.models[0], (), (), (), (op,)) for op in ("int8", "fp16")}
+        jobs |= {(cfg.models[0], (), (), (), (op,)) for op in ("int8", "fp16", "fp8")}
     with cf.ProcessPoolExecutor(cfg.compile_workers, mp_context=mp.get_context("spawn")) as pool:
         for job, fut in [(j, pool.submit(_warm, j)) for j in sorted(jobs, key=str)]:
             try:
