@@ -24,6 +24,16 @@ from hack_kernels.common import code_plane, dot_dtypes, interpreting, tail_dot_d
 from hack_kernels.decode import LOG2E, HackKV, _online, _scores_channel, _tail16, _values_channel, pow2
 
 
+@triton.jit
+def _tile_rows(pid, tile, H, TQ, R: tl.constexpr, RPAD: tl.constexpr, BM: tl.constexpr):
+    """A tile's BM rows, (query token, query head of the KV head) pairs: sequence b, token (BM,), head (BM,) and
+    which rows are real (BM,)."""
+    rr = tl.arange(0, BM)
+    tok = tile * (BM // RPAD) + rr // RPAD
+    head = rr % RPAD
+    return pid // H, tok, head, (tok < TQ) & (head < R)
+
+
 @triton.jit(do_not_specialize=["H", "NBMAX", "S", "TQ"])
 def _prefill_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NCL, FILL, SFILL, QPOS, OUT,
                     H, NBMAX, S, TQ, R: tl.constexpr, RPAD: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
@@ -32,12 +42,8 @@ def _prefill_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, N
     TOK: tl.constexpr = BM // RPAD
     pid = tl.program_id(0)  # b·H + h
     tile = tl.program_id(1)
-    b = pid // H
-    rr = tl.arange(0, BM)
+    b, tok, head, ok = _tile_rows(pid, tile, H, TQ, R, RPAD, BM)
     dd = tl.arange(0, D)
-    tok = tile * TOK + rr // RPAD  # query token of each row
-    head = rr % RPAD
-    ok = (tok < TQ) & (head < R)
     rows = (pid.to(tl.int64) * TQ + tok) * R + head  # rows of Q / OUT viewed as (B, H, TQ, R, D)
     q = tl.load(Q + rows[:, None] * D + dd[None, :], mask=ok[:, None], other=0.0)  # (BM, D) fp32, base-2 scaled
     qpos = tl.load(QPOS + b) + tok  # (BM,) each row's position
@@ -201,12 +207,8 @@ def _prefill_fast_kernel(Q, KC, KR, KSC, VC, VMX, VST, SK, SV, OK, OV, NCL, FILL
     DB: tl.constexpr = D * BITS // 8
     pid = tl.program_id(0)  # b·H + h
     tile = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest (latest) tiles first: a shorter tail
-    b = pid // H
-    rr = tl.arange(0, BM)
+    b, tok, head, ok = _tile_rows(pid, tile, H, TQ, R, RPAD, BM)
     dd = tl.arange(0, D)
-    tok = tile * TOK + rr // RPAD  # query token of each row
-    head = rr % RPAD
-    ok = (tok < TQ) & (head < R)
     rows = (pid.to(tl.int64) * R + head) * TQ + tok  # rows of Q / OUT viewed as (B·Hq·TQ, D)
     sig = (dd % DB) * (8 // BITS) + dd // DB  # (D,) channel at each position of K's code planes
     q = tl.load(Q + rows[:, None] * D + sig[None, :], mask=ok[:, None], other=0.0).to(tl.float32) * QSCALE  # (BM, D)
