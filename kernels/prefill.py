@@ -3,9 +3,9 @@
 Flash-style: one program = one (sequence, KV head) and a tile of BM rows, (query token, query head of the KV head)
 pairs, so GQA shares every K/V block read; queries are the last Tq tokens of each sequence. Two kernels:
 
-* int8 (the paper's scheme) and fp8 operands, `_prefill_kernel`: 16-row tiles through the decode kernel's per-block products
-  (`_scores_channel` / `_values_channel`: q̃ = q·s^K and P̃ = P·s^V quantized to 8 bits per row and channel group,
-  integer or e4m3 dots, cached sums), the sinks and the 16-bit open block after the closed blocks.
+* int8 (the paper's scheme) and fp8 operands, `_prefill_kernel`: 16-row tiles through the decode kernel's per-block
+  products (`_scores_channel` / `_values_channel`: q̃ = q·s^K and P̃ = P·s^V quantized to 8 bits per row and channel
+  group, integer or e4m3 dots, cached sums), the sinks and the 16-bit open block after the closed blocks.
 * fp16 operands, `_prefill_fast_kernel`: 64- or 128-row tiles (wgmma on Hopper), online softmax in base 2.
   Per closed block of Π keys: scores = (q ⊙ s^K)·k̃ + q·m^K with k̃ the codes widened in registers (exact in fp16),
   values Σ_g (P ⊙ s^V_g)·ṽ_g + P·m^V; no requantization, so no cached sums. The rank-1 terms are
@@ -135,16 +135,17 @@ def _pairs(P, off, N: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _block_step(qa, sc, qpos, m_i, acc, mv, bb, kpos, KC, KR, KSC, VC, VMX, VST, D: tl.constexpr, PI: tl.constexpr,
+def _block_step(qa, qpos, m_i, acc, mv, bb, kpos, KC, KR, KSC, VC, VMX, VST, D: tl.constexpr, PI: tl.constexpr,
                 G: tl.constexpr, GP: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
                 MASK: tl.constexpr, NB: tl.constexpr):
     """NB consecutive closed blocks bb, .. (keys at positions kpos + j·Π + token) into the online softmax of the
     large-tile kernel, with one rescale of the accumulators (NB = 2: 6% fewer instructions a block at 64 rows).
 
-    qa (BM, D) fp16: q in base-2 logits, channels in plane order; sc = 512 (BM,); acc: G-tuple of (BM, C) fp32 in code·2^-9 units; mv (BM, 16): column g = Σ_t P_t
-    m^V_t,g. MASK: diagonal blocks (causal mask per row). Column t of a block's scores is token perm(t): K's rows
-    are read in the order V's code planes put the tokens, so neither tile is interleaved in registers. The rank-1
-    terms are tensor-core dots with N = 16: q·m^K = q̃·(m^K/s^K) (the ratio in column 0), P·m^V (m^V_g in column g).
+    qa (BM, D) fp16: q in base-2 logits, channels in plane order; acc: G-tuple of (BM, C) fp32 in code·2^-9 units
+    (scores come out of the code dots in the same units, hence the 512s); mv (BM, 16): column g = Σ_t P_t m^V_t,g.
+    MASK: diagonal blocks (causal mask per row). Column t of a block's scores is token perm(t): K's rows are read in
+    the order V's code planes put the tokens, so neither tile is interleaved in registers. The rank-1 terms are
+    tensor-core dots with N = 16: q·m^K = q̃·(m^K/s^K) (the ratio in column 0), P·m^V (m^V_g in column g).
     """
     C: tl.constexpr = D // G
     DB: tl.constexpr = D * BITS // 8
@@ -161,12 +162,12 @@ def _block_step(qa, sc, qpos, m_i, acc, mv, bb, kpos, KC, KR, KSC, VC, VMX, VST,
         kp = tl.load(KC + ((bb + j) * PI + perm[:, None]) * DB + tl.arange(0, DB)[None, :])  # (PI, DB) K codes
         ks = _pairs(KSC, (bb + j) * D, D, ASM)  # (D,) fp16 s^K
         kr = tl.load(KR + (bb + j) * D + dd[:, None] + 0 * jj[None, :], mask=jj[None, :] == 0, other=0.0)  # (D, 16)
-        qt = (qa * ks[None, :]).to(tl.float16)  # (BM, D) q̃ = q ⊙ s^K (·f)
+        qt = (qa * ks[None, :]).to(tl.float16)  # (BM, D) q̃ = q ⊙ s^K
         s = tl.dot(qt.to(DT), tl.trans(_planes(kp, BITS, DT, ASM)))  # (BM, PI) q̃·k̃
-        qm = tl.sum(tl.dot(qt, kr), 1) * (sc * (1.0 / 512.0))  # (BM,) q̃·(m^K/s^K) = q·m^K
+        qm = tl.sum(tl.dot(qt, kr), 1)  # (BM,) q̃·(m^K/s^K) = q·m^K
         if MASK:
             s = tl.where(kpos + j * PI + perm[None, :] <= qpos[:, None], s, -float("inf"))
-        m_new = tl.maximum(m_new, tl.max(s, 1) * sc + qm)  # scores = s·sc + q·m^K
+        m_new = tl.maximum(m_new, tl.max(s, 1) * 512.0 + qm)  # scores = 512·s + q·m^K
         ss = ss + (s,)
         qms = qms + (qm,)
     if MASK:
@@ -179,7 +180,7 @@ def _block_step(qa, sc, qpos, m_i, acc, mv, bb, kpos, KC, KR, KSC, VC, VMX, VST,
     for g in tl.static_range(G):
         new_acc = new_acc + (acc[g] * alpha[:, None],)
     for j in tl.static_range(NB):
-        p16 = tl.exp2(ss[j] * sc[:, None] + (qms[j] - m_use)[:, None]).to(tl.float16)  # (BM, PI)
+        p16 = tl.exp2(ss[j] * 512.0 + (qms[j] - m_use)[:, None]).to(tl.float16)  # (BM, PI)
         vmt = tl.load(VMX + ((bb + j) * PI + tt[:, None]) * GP + jj[None, :], mask=jj[None, :] < GP,
                       other=0.0)  # (PI, 16): m^V_g in column g, 1 in column G
         mv = tl.dot(p16, vmt, mv)
@@ -197,8 +198,8 @@ def _block_step(qa, sc, qpos, m_i, acc, mv, bb, kpos, KC, KR, KSC, VC, VMX, VST,
 def _prefill_fast_kernel(Q, KC, KR, KSC, VC, VMX, VST, SK, SV, OK, OV, NCL, FILL, SFILL, QPOS, OUT, QSCALE,
                          H, NBMAX, S, TQ, R: tl.constexpr, RPAD: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
                          PI: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BITS: tl.constexpr, SP: tl.constexpr,
-                         OPER: tl.constexpr, DT: tl.constexpr, TDT: tl.constexpr, ASM: tl.constexpr):
-    """Large-tile prefill, fp16 operands (OPER 2): BM rows = BM/RPAD query tokens x RPAD heads.
+                         DT: tl.constexpr, TDT: tl.constexpr, ASM: tl.constexpr):
+    """Large-tile prefill, fp16 operands: BM rows = BM/RPAD query tokens x RPAD heads.
     Q and OUT (B, Hq, TQ, D); QSCALE = softmax scale·log2(e). KR, KSC, SK and OK come with their channels in plane
     order; VMX (B, H, NB, Π, GP) is m^V with its tokens in column order and a column of ones after the G groups (the
     row sums ride in the P·m^V dot), VST s^V transposed to (group, column) (`hack_prefill`)."""
@@ -218,9 +219,7 @@ def _prefill_fast_kernel(Q, KC, KR, KSC, VC, VMX, VST, SK, SV, OK, OV, NCL, FILL
     m_i, l_i, acc = _tail_groups(q, qpos, pid, b, nc, SK, SV, OK, OV, FILL, SFILL, S, BM, D, PI, G, SP, TDT)
     # q through an identity dot: q then lives in the MMA accumulator layout, where q ⊙ s^K of every block is made
     # in registers as the wgmma A operand (from a load's layout, Triton 3.6 round-trips q̃ through shared memory).
-    q16 = tl.dot(q.to(tl.float16), (dd[:, None] == dd[None, :]).to(tl.float16), out_dtype=tl.float16)  # (BM, D)
-    qa = q16
-    sc = tl.full([BM], 512.0, tl.float32)  # scores come out in code·2^-9 units
+    qa = tl.dot(q.to(tl.float16), (dd[:, None] == dd[None, :]).to(tl.float16), out_dtype=tl.float16)  # (BM, D)
     jj = tl.arange(0, 16)
     mv = tl.where(jj[None, :] == G, l_i[:, None], 0.0)  # (BM, 16): Σ_t P_t m^V_t,g in column g, Σ_t P_t in column G
     first = q0 + tile * TOK - S  # the tile's first and last query position after the sinks
@@ -229,13 +228,13 @@ def _prefill_fast_kernel(Q, KC, KR, KSC, VC, VMX, VST, SK, SV, OK, OV, NCL, FILL
     hi = tl.minimum(nc, tl.where(last >= 0, last // PI + 1, 0))  # blocks any row sees
     base = pid.to(tl.int64) * NBMAX
     for blk in range(0, full - 1, 2):  # pairs of blocks every row sees whole
-        m_i, acc, mv = _block_step(qa, sc, qpos, m_i, acc, mv, base + blk, S + blk * PI, KC, KR, KSC, VC, VMX, VST,
+        m_i, acc, mv = _block_step(qa, qpos, m_i, acc, mv, base + blk, S + blk * PI, KC, KR, KSC, VC, VMX, VST,
                                    D, PI, G, GP, BITS, DT, ASM, False, 2)
     for blk in range(full // 2 * 2, full):  # the odd one out
-        m_i, acc, mv = _block_step(qa, sc, qpos, m_i, acc, mv, base + blk, S + blk * PI, KC, KR, KSC, VC, VMX, VST,
+        m_i, acc, mv = _block_step(qa, qpos, m_i, acc, mv, base + blk, S + blk * PI, KC, KR, KSC, VC, VMX, VST,
                                    D, PI, G, GP, BITS, DT, ASM, False, 1)
     for blk in range(full, hi):  # diagonal blocks
-        m_i, acc, mv = _block_step(qa, sc, qpos, m_i, acc, mv, base + blk, S + blk * PI, KC, KR, KSC, VC, VMX, VST,
+        m_i, acc, mv = _block_step(qa, qpos, m_i, acc, mv, base + blk, S + blk * PI, KC, KR, KSC, VC, VMX, VST,
                                    D, PI, G, GP, BITS, DT, ASM, True, 1)
     l_i = tl.sum(tl.where(jj[None, :] == G, mv, 0.0), 1)
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
@@ -278,7 +277,7 @@ def hack_prefill(kv: HackKV, q: torch.Tensor, scaling: float, q_pos0: torch.Tens
     S = kv.sink_k.shape[2]
     G, GP = kv.groups, pow2(kv.groups + 1)
     shape = dict(H=H, NBMAX=kv.k_codes.shape[2], S=S, TQ=Tq, R=R, RPAD=RPAD, BM=BM, D=D, PI=kv.partition, G=G,
-                 BITS=kv.bits, SP=max(16, pow2(S)), OPER=oper, DT=dt, TDT=tail_dot_dtype(kv.sink_k),
+                 BITS=kv.bits, SP=max(16, pow2(S)), DT=dt, TDT=tail_dot_dtype(kv.sink_k),
                  ASM=not interpreting(), num_warps=num_warps or 4, num_stages=num_stages or 3)
     counts = (kv.n_closed, kv.fill, kv.sink_fill, q_pos0)
     grid = (B * H, triton.cdiv(Tq, BM // RPAD))
@@ -298,7 +297,7 @@ def hack_prefill(kv: HackKV, q: torch.Tensor, scaling: float, q_pos0: torch.Tens
     qs = (q.float() * (scaling * LOG2E)).view(B, H, R, Tq, D).transpose(2, 3).contiguous()  # (B, H, Tq, R, D)
     out = torch.empty(B, H, Tq, R, D, device=q.device, dtype=q.dtype)
     _prefill_kernel[grid](qs, kv.k_codes, kv.k_mn, kv.k_scale, kv.k_sum, kv.v_codes, kv.v_mn, kv.v_scale, kv.v_sum,
-                          kv.sink_k, kv.sink_v, kv.open_k, kv.open_v, *counts, out, **shape)
+                          kv.sink_k, kv.sink_v, kv.open_k, kv.open_v, *counts, out, OPER=oper, **shape)
     return out.transpose(2, 3).reshape(B, Hq, Tq, D)
 
 

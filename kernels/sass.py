@@ -91,10 +91,11 @@ def prefill(a) -> None:
     oper, dt = {"int8": (0, tl.int8), "fp8": (1, tl.float8e4nv), "fp16": (2, tl.float16)}[a.operand]
     fast = a.operand == "fp16"  # as hack_prefill picks
     kernel = _prefill_fast_kernel if fast else _prefill_kernel
-    consts = dict(R=a.rows, RPAD=a.rows, BM=a.block_rows, D=D, PI=a.partition, G=G, BITS=a.bits, SP=16, OPER=oper,
-                  DT=dt, TDT=tl.bfloat16, ASM=True, **({"GP": 1 << G.bit_length()} if fast else {}))
+    consts = dict(R=a.rows, RPAD=a.rows, BM=a.block_rows, D=D, PI=a.partition, G=G, BITS=a.bits, SP=16, DT=dt,
+                  TDT=tl.bfloat16, ASM=True, **({"GP": 1 << G.bit_length()} if fast else {"OPER": oper}))
     sig = {"Q": "*bf16" if fast else "*fp32", "OUT": "*bf16", "QSCALE": "fp32",
-           **{n: "*u8" for n in "KC VC KSUM VSUM".split()}, **{n: "*fp16" for n in "KMN KR KSC VMN VMX VSC VST".split()},
+           **{n: "*u8" for n in "KC VC KSUM VSUM".split()},
+           **{n: "*fp16" for n in "KMN KR KSC VMN VMX VSC VST".split()},
            **{n: "*bf16" for n in "SK SV OK OV".split()}, **{n: "*i32" for n in "NCL FILL SFILL QPOS".split()}}
     res, sass = compile_sm90(kernel, sig, consts, {"num_warps": a.warps, "num_stages": a.stages})
     print(f"triton {triton.__version__} prefill {vars(a)}")

@@ -120,11 +120,12 @@ def build(dataset: DatasetConfig, tokenizer, limit, seed: int) -> list:
         for name in names:
             gen = int(option(dataset, "max_gen_toks", MAX_GEN_TOKS[name]))
             docs = generate(name, int(length), samples, tokenizer, essays, gen, seed)
-            empty = [i for i, d in enumerate(docs) if not d["outputs"]]  # nothing to score (string_match_all / 0)
-            if empty:
+            scored = [d for d in docs if d["outputs"]]  # an empty reference: string_match_all would divide by 0
+            if len(scored) < len(docs):
                 logging.getLogger(__name__).warning("RULER %s at %d tokens: %d of %d documents have no reference "
-                                                    "answer and are left out", name, length, len(empty), len(docs))
-                docs = [d for d in docs if d["outputs"]]
+                                                    "answer and are left out", name, length, len(docs) - len(scored),
+                                                    len(docs))
+            docs = scored
             tasks.append(make_task(f"{name}_{length}", docs, text=lambda d: d["input"],
                                    target=lambda d: " | ".join(d["outputs"]), score=score, max_gen_toks=gen,
                                    gen_prefix="gen_prefix"))
