@@ -23,8 +23,9 @@ from omegaconf import OmegaConf
 from hack_cli.errors import HackError
 
 CONFIG, METRICS, SWEEP = "config.yaml", "metrics.json", "sweep.csv"
-# Keys that may change when a run is resumed: they do not change what its rows mean.
-RESUMABLE_KEYS = ("resume", "logging")
+# Keys (dotted paths) that may change when a run is resumed: they do not change what its rows mean (a run directory
+# may be moved, or copied and continued in shards, and resumed there; the tokenizer check only guards a load).
+RESUMABLE_KEYS = ("resume", "logging", "out_dir", "accuracy.shard", "model.tokenizer_check")
 
 
 def holds_run(path: Path) -> bool:
@@ -40,8 +41,7 @@ def claim(run_dir: Path, config: dict, resume: bool) -> None:
             raise HackError(f"{run_dir} already holds a run: add resume=true to continue it, or choose another "
                             "out_dir")
         before = OmegaConf.to_container(OmegaConf.load(path))
-        changed = _first_difference({k: v for k, v in before.items() if k not in RESUMABLE_KEYS},
-                                    {k: v for k, v in config.items() if k not in RESUMABLE_KEYS})
+        changed = _first_difference(before, config)
         if changed:
             raise HackError(f"cannot resume {run_dir}: {changed} differs from the run's config.yaml; rerun with the "
                             "same overrides, or choose another out_dir")
@@ -51,7 +51,13 @@ def claim(run_dir: Path, config: dict, resume: bool) -> None:
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
+    """The first dotted key whose values differ, outside RESUMABLE_KEYS."""
+    if prefix in RESUMABLE_KEYS:
+        return None
+    if isinstance(a, dict) or isinstance(b, dict):  # a section one side lacks compares as empty
+        if not isinstance(a or {}, dict) or not isinstance(b or {}, dict):
+            return prefix
+        a, b = a or {}, b or {}
         for key in sorted(set(a) | set(b)):
             diff = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
             if diff:

@@ -236,6 +236,37 @@ def test_tiny_run_writes_rows_table_and_resumes_without_redoing(tmp_path):
     assert again[:4] == written[:4] and sorted(r["key"] for r in again) == sorted(r["key"] for r in written)
 
 
+def test_shards_split_the_batches_and_resume_a_copy_of_the_run(tmp_path):
+    # 3 documents in batches of 2: shard [1, 2] answers the second batch only (1 document, both methods); shard
+    # [0, 2] resuming the same directory (shard may change on resume) adds the first: together, the whole run
+    out = tmp_path / "run"
+    hack("eval", "accuracy", *TINY, f"out_dir={out}", "accuracy.shard=[1,2]")
+    second = rows(out / "samples.jsonl")
+    assert len(second) == 2 and len({r["doc_id"] for r in second}) == 1
+    hack("eval", "accuracy", *TINY, f"out_dir={out}", "accuracy.shard=[0,2]", "resume=true")
+    assert sorted(r["key"] for r in rows(out / "samples.jsonl")) == sorted(
+        f"{m}/qa/{i}" for m in ("fp16", "hack-channel-b2-p64") for i in range(3))
+    from hack_cli.eval.accuracy import AccuracyConfig
+
+    with pytest.raises(HackError, match=r"accuracy.shard: \[2, 2\] is not allowed"):
+        AccuracyConfig(shard=[2, 2])
+
+
+def test_merge_joins_shard_copies_each_key_once(tmp_path):
+    from hack_cli.eval.merge import merge
+
+    def write(d, keys):
+        d.mkdir()
+        (d / "samples.jsonl").write_text("".join(json.dumps({"key": k, "score": 1.0}) + "\n" for k in keys))
+
+    write(tmp_path / "run", ["a", "b"])  # the run before it was split
+    write(tmp_path / "s0", ["a", "b", "c"])  # shard copies: the old rows plus each one's new ones
+    write(tmp_path / "s1", ["a", "b", "d", "e"])
+    assert merge(tmp_path / "run", [tmp_path / "s0", tmp_path / "s1"]) == 3
+    assert [r["key"] for r in rows(tmp_path / "run" / "samples.jsonl")] == ["a", "b", "c", "d", "e"]
+    assert merge(tmp_path / "run", [tmp_path / "s1"]) == 0  # merging again adds nothing
+
+
 def test_tiny_sweep_builds_the_sweep_table(tmp_path):
     out = tmp_path / "sweep"
     hack("eval", "accuracy", "-m", *TINY, "quant=fp16,hack", "accuracy.baseline=null", f"out_dir={out}")

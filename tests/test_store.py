@@ -51,6 +51,11 @@ def test_claim_never_overwrites_and_resumes_only_the_same_run(tmp_path):
     claim(tmp_path, {**config, "resume": True, "logging": {"progress": False}}, resume=True)
     with pytest.raises(HackError, match="quant.bits differs"):
         claim(tmp_path, {**config, "quant": {"bits": 4}}, resume=True)
+    # a moved or shard-copied run directory resumes: out_dir, the shard and the tokenizer guard may change
+    claim(tmp_path, {**config, "out_dir": "/elsewhere", "accuracy": {"shard": [1, 4]},
+                     "model": {"tokenizer_check": [1, 2]}}, resume=True)
+    with pytest.raises(HackError, match="accuracy.batch_size differs"):
+        claim(tmp_path, {**config, "accuracy": {"shard": [1, 4], "batch_size": 8}}, resume=True)
 
 
 def test_metrics_are_flat(tmp_path):

