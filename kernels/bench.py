@@ -214,7 +214,8 @@ def quantize_rows(cfg: KernelBenchConfig, ceil: dict) -> list:
 
                 def step():
                     outs["k"] = quantize_blocks(kb, bits, c, per_channel=True, token_sums=True, num_warps=nw or None)
-                    outs["v"] = quantize_blocks(vb, bits, c, per_channel=False, token_sums=False, num_warps=nw or None)
+                    outs["v"] = quantize_blocks(vb, bits, c, per_channel=False, token_sums=False, num_warps=nw or None,
+                                                along_tokens=True)  # as the store keeps V
 
                 us = time_graph([step], cfg.replays)
                 nbytes = k.nbytes + v.nbytes + sum(t.nbytes for o in outs.values() for t in o.values())
@@ -299,7 +300,7 @@ def _warm(job) -> None:
     for bits, part, nw in quant:
         for per_channel in (True, False):
             quantize_blocks(k[0, :, :part * 4].reshape(-1, part, D), bits, min(part, D), per_channel, per_channel,
-                            num_warps=nw or None)
+                            num_warps=nw or None, along_tokens=not per_channel)
     for op in prefill_ops:
         from hack_kernels.prefill import hack_prefill
 
