@@ -262,6 +262,8 @@ def test_merge_joins_shard_copies_each_key_once(tmp_path):
     write(tmp_path / "run", ["a", "b"])  # the run before it was split
     write(tmp_path / "s0", ["a", "b", "c"])  # shard copies: the old rows plus each one's new ones
     write(tmp_path / "s1", ["a", "b", "d", "e"])
+    with open(tmp_path / "s1" / "samples.jsonl", "a") as f:
+        f.write('{"key": "f", "sco')  # killed in the middle of a row
     assert merge(tmp_path / "run", [tmp_path / "s0", tmp_path / "s1"]) == 3
     assert [r["key"] for r in rows(tmp_path / "run" / "samples.jsonl")] == ["a", "b", "c", "d", "e"]
     assert merge(tmp_path / "run", [tmp_path / "s1"]) == 0  # merging again adds nothing

@@ -20,8 +20,8 @@ def merge(dest: Path, sources: list[Path]) -> int:
     log, added = RowLog(dest / SAMPLES), 0
     try:
         for source in sources:
-            for line in (Path(source) / SAMPLES).read_text().splitlines():
-                row = json.loads(line)
+            for line in (Path(source) / SAMPLES).read_text().split("\n")[:-1]:  # a killed job's torn last line
+                row = json.loads(line)                                          # was never finished: left out
                 if row["key"] not in log.done:
                     log.write(row)
                     added += 1
