@@ -112,18 +112,24 @@ class RowLog:
         self._file.close()
 
 
+def _complete_lines(text: str) -> list[str]:
+    return text.split("\n")[:-1]  # everything after the last newline was never finished
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a row log, leaving out a last line cut short by a crash (the file is not changed)."""
+    return [json.loads(line) for line in _complete_lines(path.read_text())]
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a previous attempt; a last line cut short by a crash is dropped from the file."""
     text = path.read_text()
-    lines = text.split("\n")
-    complete, rows = 0, []
-    for line in lines[:-1]:  # everything after the last newline was never finished
-        rows.append(json.loads(line))
-        complete += len(line) + 1
+    lines = _complete_lines(text)
+    complete = sum(len(line) + 1 for line in lines)
     if complete < len(text):
         with open(path, "r+") as f:
             f.truncate(complete)
-    return rows
+    return [json.loads(line) for line in lines]
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -66,6 +66,17 @@ def test_a_tokenizer_converted_differently_stops_loading():
         load_model(right)
 
 
+def test_weight_fingerprint_tells_one_changed_weight():
+    from hack_cli.hf.models import weight_fingerprint
+
+    model = load_model("tiny")[0]
+    before = weight_fingerprint(model)
+    assert weight_fingerprint(model) == before
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    assert weight_fingerprint(model)["sum"] != before["sum"]
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     model, tok = load_model("smollm2")

@@ -5,13 +5,11 @@ that run directory: each key once, the destination's rows first, then each sourc
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from hack_cli.store import RowLog
-
-SAMPLES = "samples.jsonl"
+from hack_cli.eval.table import SAMPLES
+from hack_cli.store import RowLog, read_rows
 
 
 def merge(dest: Path, sources: list[Path]) -> int:
@@ -20,8 +18,7 @@ def merge(dest: Path, sources: list[Path]) -> int:
     log, added = RowLog(dest / SAMPLES), 0
     try:
         for source in sources:
-            for line in (Path(source) / SAMPLES).read_text().split("\n")[:-1]:  # a killed job's torn last line
-                row = json.loads(line)                                          # was never finished: left out
+            for row in read_rows(Path(source) / SAMPLES):  # a killed job's torn last line left out
                 if row["key"] not in log.done:
                     log.write(row)
                     added += 1

@@ -7,14 +7,13 @@ both methods answered. Scores are in points (0-100).
 """
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
 from hack_cli.eval.metrics import paired_difference
-from hack_cli.store import write_csv
+from hack_cli.store import read_rows, write_csv
 
 SAMPLES = "samples.jsonl"
 
@@ -27,10 +26,7 @@ def load_samples(dirs: Iterable[Path]) -> list[dict]:
         for path in sorted([d / SAMPLES, *d.glob(f"*/{SAMPLES}")]):
             if not path.exists():
                 continue
-            for line in path.read_text().splitlines():
-                if not line.strip():
-                    continue
-                row = json.loads(line)
+            for row in read_rows(path):  # a running or killed job's unfinished last line left out
                 if (row["model"], row["key"]) not in seen:
                     seen.add((row["model"], row["key"]))
                     rows.append(row)

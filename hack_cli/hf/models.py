@@ -72,6 +72,14 @@ def _convert_gguf(mc: ModelConfig, target: Path) -> None:
         shutil.rmtree(tmp)
 
 
+def weight_fingerprint(model) -> dict[str, float]:
+    """float64 sum and sum of squares of every weight: two conversions of one GGUF (another machine, another
+    transformers) must agree on it."""
+    weights = model.state_dict().values()
+    return {"sum": sum(float(w.double().sum()) for w in weights),
+            "sumsq": sum(float((w.double() ** 2).sum()) for w in weights)}
+
+
 def load_model(spec: Union[str, ModelConfig], device: Union[str, torch.device] = "cpu"):
     """Returns (model in eval mode on `device`, tokenizer or None for random-weight architectures)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -71,12 +71,8 @@ EOF
     python - $S <<'EOF' || exit 1
 import json, shutil, sys
 from hack_cli.hf import load_model
-from hack_cli.hf.models import cache_dir
-out = {}
-for m in ("smollm2", "gemma3_270m"):  # float64 sums of every weight: the device's conversion must give the same
-    model, _ = load_model(m)
-    sd = model.state_dict().values()
-    out[m] = {"sum": sum(float(p.double().sum()) for p in sd), "sumsq": sum(float((p.double() ** 2).sum()) for p in sd)}
+from hack_cli.hf.models import cache_dir, weight_fingerprint
+out = {m: weight_fingerprint(load_model(m)[0]) for m in ("smollm2", "gemma3_270m")}  # the device's must match
 json.dump(out, open(f"{sys.argv[1]}/fingerprint.json", "w"), indent=1)
 for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
     shutil.copy(cache_dir() / "gemma3_270m" / f, f"{sys.argv[1]}/gemma_hf/")
@@ -116,7 +112,8 @@ EOF
     mkdir -p $RUNS && cp -r /tmp/acc_in/resume/* $RUNS/ 2>/dev/null
     python3 - <<'EOF' || exit 1
 import json, shutil
-from hack_cli.hf.models import cache_dir, model_config, _convert_gguf
+from pathlib import Path
+from hack_cli.hf.models import cache_dir, model_config, weight_fingerprint, _convert_gguf
 expected = json.load(open("/tmp/acc_in/fingerprint.json"))
 for m in ("smollm2", "gemma3_270m"):
     target = cache_dir() / m
@@ -124,13 +121,11 @@ for m in ("smollm2", "gemma3_270m"):
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_gguf(model_config(m), target)
     if m == "gemma3_270m":  # this transformers converts Gemma-3's tokenizer differently: use the one made here
-        for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
-            shutil.copy(f"/tmp/acc_in/gemma_hf/{f}", target / f)
+        for f in Path("/tmp/acc_in/gemma_hf").iterdir():
+            shutil.copy(f, target / f.name)
 from hack_cli.hf import load_model  # checks model.tokenizer_check
 for m in ("smollm2", "gemma3_270m"):
-    model, _ = load_model(m)
-    sd = model.state_dict().values()
-    got = {"sum": sum(float(p.double().sum()) for p in sd), "sumsq": sum(float((p.double() ** 2).sum()) for p in sd)}
+    got = weight_fingerprint(load_model(m)[0])
     ok = all(abs(got[k] - expected[m][k]) <= 1e-9 * abs(expected[m][k]) for k in got)
     print(m, "weights", "match" if ok else f"DIFFER: {got} vs {expected[m]}")
     if not ok:
