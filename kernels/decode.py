@@ -33,6 +33,7 @@ import triton.language as tl
 from hack_kernels.common import dot_codes, dot_dtypes, interpreting, quant8_rows, tail_dot_dtype
 
 LOG2E = 1.4426950408889634
+COMBINE_TILE = 8192  # fp32 values of one combine step's partial-output tile: 64 a thread at 4 warps
 
 
 @triton.jit
@@ -248,7 +249,7 @@ def _tail16(q, qpos, m_i, l_i, acc, a, qsc, qmn, qsum, qsumx, pid, b, nc, KC, KM
 
 @triton.jit(do_not_specialize=["H", "NBMAX", "S", "BPS", "NSPLIT"])
 def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NCL, FILL, SFILL, PO, PM, PL,
-                   H, NBMAX, S, BPS, NSPLIT,
+                   H, NBMAX, S, BPS, NSPLIT, QSCALE,
                    R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, PI: tl.constexpr, G: tl.constexpr,
                    BITS: tl.constexpr, SP: tl.constexpr, LAYOUT: tl.constexpr, OPER: tl.constexpr,
                    DT: tl.constexpr, TDT: tl.constexpr, ASM: tl.constexpr, NB: tl.constexpr):
@@ -257,7 +258,8 @@ def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NC
     b = pid // H
     rr = tl.arange(0, RP)
     dd = tl.arange(0, D)
-    q = tl.load(Q + (pid * R + rr[:, None]) * D + dd[None, :], mask=rr[:, None] < R, other=0.0)  # (RP, D) fp32
+    q = tl.load(Q + (pid * R + rr[:, None]) * D + dd[None, :], mask=rr[:, None] < R, other=0.0)  # (RP, D)
+    q = q.to(tl.float32) * QSCALE  # base-2 logits: scaling·log2(e) folded in here, not in a kernel of its own
     m_i = tl.full([RP], -float("inf"), tl.float32)
     l_i = tl.zeros([RP], tl.float32)
     acc = tl.zeros([RP, D], tl.float32)
@@ -307,24 +309,27 @@ def _decode_kernel(Q, KC, KMN, KSC, KSUM, VC, VMN, VSC, VSUM, SK, SV, OK, OV, NC
 
 
 @triton.jit(do_not_specialize=["NS1"])
-def _combine_kernel(PO, PM, PL, OUT, NS1, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, SC: tl.constexpr):
-    """Merge the NS1 partials of one (sequence, KV head) into OUT rows (pid·R + r), SC partials per loop step (one
-    (SC, RP, D) tile: at batch 1 there are only B·H programs, and a partial a step left them latency-bound)."""
+def _combine_kernel(PO, PM, PL, OUT, NS1, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr,
+                    SC: tl.constexpr):
+    """Merge the NS1 partials of one (sequence, KV head) into OUT rows (pid·R + r), channels DC·c .. DC·(c + 1) of
+    program (pid, c). SC partials a loop step, one (SC, RP, DC) tile: at batch 1 there are only B·H (sequence,
+    head) pairs, so the channels are split over programs and SC covers every split in one step (a partial a step,
+    or one program per pair walking 16 a step, left them latency-bound)."""
     pid = tl.program_id(0)
+    ch = tl.program_id(1) * DC + tl.arange(0, DC)
     ss = tl.arange(0, SC)
     rr = tl.arange(0, RP)
-    dd = tl.arange(0, D)
     ok = rr < R
     m = tl.full([RP], -float("inf"), tl.float32)
     l = tl.zeros([RP], tl.float32)
-    acc = tl.zeros([RP, D], tl.float32)
+    acc = tl.zeros([RP, DC], tl.float32)
     for s0 in range(0, NS1, SC):
         part = pid * NS1 + s0 + ss  # (SC,)
         okp = (s0 + ss < NS1)[:, None] & ok[None, :]  # (SC, RP)
         rows = part[:, None] * R + rr[None, :]  # (SC, RP)
         ms = tl.load(PM + rows, mask=okp, other=-float("inf"))
         ls = tl.load(PL + rows, mask=okp, other=0.0)
-        os = tl.load(PO + rows[:, :, None] * D + dd[None, None, :], mask=okp[:, :, None], other=0.0)  # (SC, RP, D)
+        os = tl.load(PO + rows[:, :, None] * D + ch[None, None, :], mask=okp[:, :, None], other=0.0)  # (SC, RP, DC)
         m_new = tl.maximum(m, tl.max(ms, axis=0))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         a = tl.exp2(m - m_safe)
@@ -333,13 +338,18 @@ def _combine_kernel(PO, PM, PL, OUT, NS1, R: tl.constexpr, RP: tl.constexpr, D: 
         acc = acc * a[:, None] + tl.sum(os * w[:, :, None], axis=0)
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(OUT + (pid * R + rr[:, None]) * D + dd[None, :], out, mask=ok[:, None])
+    tl.store(OUT + (pid * R + rr[:, None]) * D + ch[None, :], out, mask=ok[:, None])
 
 
 def combine(po: torch.Tensor, pm: torch.Tensor, pl: torch.Tensor, out: torch.Tensor) -> None:
-    """Merge split partials po (P, NS, R, D), pm/pl (P, NS, R) fp32 into out (B, Hq, D), P = B·H programs."""
+    """Merge split partials po (P, NS, R, D), pm/pl (P, NS, R) fp32 into out (B, Hq, D), P = B·H programs. Tiles of
+    at most COMBINE_TILE fp32 values: every split in one step (up to 128), the channels in as many chunks as that
+    leaves (at least 16 wide)."""
     P, NS, R, D = po.shape
-    _combine_kernel[(P,)](po, pm, pl, out, NS, R=R, RP=pow2(R), D=D, SC=min(16, max(2, pow2(NS))), num_warps=4)
+    SC, RP = min(128, max(2, pow2(NS))), pow2(R)
+    fit = COMBINE_TILE // (SC * RP)
+    DC = min(D, max(16, 1 << (max(fit, 1).bit_length() - 1)))  # the largest power of 2 that fits, >= 16
+    _combine_kernel[(P, D // DC)](po, pm, pl, out, NS, R=R, RP=RP, D=D, DC=DC, SC=SC, num_warps=4)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -447,15 +457,14 @@ def hack_decode(kv: HackKV, q: torch.Tensor, scaling: float, operand: str = "int
     if nb > 1:  # whole steps of NB blocks a split
         per = max(nb, -(-per // nb) * nb)
         nsplit = max(1, -(-max_blocks // per))
-    qs = (q.float() * (scaling * LOG2E)).contiguous()  # (B, Hq, D): base-2 logits
     po = torch.empty(B * H, nsplit + 1, R, D, device=q.device, dtype=torch.float32)
     pm = torch.empty(B * H, nsplit + 1, R, device=q.device, dtype=torch.float32)
     pl = torch.empty_like(pm)
     S = kv.sink_k.shape[2]
     _decode_kernel[(B * H, nsplit + 1)](
-        qs, kv.k_codes, kv.k_mn, kv.k_scale, kv.k_sum, kv.v_codes, kv.v_mn, kv.v_scale, kv.v_sum,
+        q.contiguous(), kv.k_codes, kv.k_mn, kv.k_scale, kv.k_sum, kv.v_codes, kv.v_mn, kv.v_scale, kv.v_sum,
         kv.sink_k, kv.sink_v, kv.open_k, kv.open_v, kv.n_closed, kv.fill, kv.sink_fill, po, pm, pl,
-        H, kv.k_codes.shape[2], S, per, nsplit,
+        H, kv.k_codes.shape[2], S, per, nsplit, scaling * LOG2E,
         R=R, RP=RP, D=D, PI=P, G=G, BITS=kv.bits, SP=max(16, pow2(S)), LAYOUT=layout, OPER=oper, DT=dt,
         TDT=tail_dot_dtype(kv.sink_k), ASM=not interpreting(), NB=nb, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))

@@ -3,11 +3,14 @@
 Times every (bits, Π, operand, blocks per iteration, num_warps, num_stages, maxnreg, waves) combination at a few
 (context, batch) points of one model, next to BF16 SDPA in the same run, and prints one line per variant with its
 relative error against fp32 attention over the unquantized K/V (kernels/NOTES.md records the outcome). Blocks per
-iteration > 1 only exist for fp16 operands (the channel layout's fast path); other operands run 1.
+iteration > 1 only exist for fp16 operands (the channel layout's fast path); other operands run 1. `--against FILE`
+also times the `hack_decode` of another version of kernels/decode.py (`git show REV:kernels/decode.py > FILE`) at
+its own defaults, in the same process on the same inputs: a before/after of a kernel change.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import math
 
@@ -33,7 +36,13 @@ def main(argv=None) -> None:
     p.add_argument("--blocks-per-iter", nargs="+", type=int, default=[1], help="NB (1, 2, 4); fp16 operands only")
     p.add_argument("--partition", nargs="+", type=int, default=[64])
     p.add_argument("--bits", nargs="+", type=int, default=[2])
+    p.add_argument("--against", help="another kernels/decode.py whose hack_decode to time at its defaults")
     a = p.parse_args(argv)
+    other = None
+    if a.against:
+        spec = importlib.util.spec_from_file_location("hack_kernels.decode_against", a.against)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
     Hq, H, D = bd.SHAPES[a.model]
     scaling = 1 / math.sqrt(D)
     err = lambda out: ((out.float() - ref).norm() / ref.norm()).item()
@@ -53,6 +62,11 @@ def main(argv=None) -> None:
             nbytes, nc = bd.hack_bytes(kv), int(kv.n_closed[0])
             stores = [kv] + [bd.clone_store(kv) for _ in range(copies_for(nbytes) - 1)]
             print(f" {bits}-bit Π={part}: HACK reads {nbytes / 1e6:.1f} MB", flush=True)
+            for op in a.operands if other else []:
+                us = time_graph([lambda s=s: other.hack_decode(s, q, scaling, operand=op, max_blocks=nc)
+                                 for s in stores], 10)
+                print(f"  {op:<5} {a.against} (its defaults) {us:8.1f} us {nbytes / us / 1e3:6.0f} GB/s "
+                      f"x{sdpa / us:.2f} SDPA err={err(other.hack_decode(kv, q, scaling, operand=op)):.4f}", flush=True)
             for op, nb, w, st, reg, wv in itertools.product(a.operands, a.blocks_per_iter, a.warps, a.stages,
                                                             a.maxnreg, a.waves):
                 if nb > 1 and op != "fp16":

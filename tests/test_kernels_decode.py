@@ -83,19 +83,20 @@ def test_splits_combine(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("splits", [1, 5, 16, 37])
-def test_combine_merges_partials_like_a_softmax_over_all(device, splits):
-    """`combine` (SC partials a loop step) equals the log-sum-exp merge of every split's (m, l, acc), with empty
-    splits (m = -inf, l = 0) anywhere, including a whole chunk of them."""
+@pytest.mark.parametrize("splits,head_dim", [(1, 16), (5, 16), (16, 16), (37, 128), (150, 64)])
+def test_combine_merges_partials_like_a_softmax_over_all(device, splits, head_dim):
+    """`combine` (SC partials a loop step, channels in chunks over programs) equals the log-sum-exp merge of every
+    split's (m, l, acc), with empty splits (m = -inf, l = 0) anywhere, including a whole step of them (150 splits:
+    two steps of 128, 64 channels in four chunks of 16)."""
     g = torch.Generator().manual_seed(splits)
-    P, R, D = 3, 3, 16
+    P, R, D = 3, 3, head_dim
     pm = torch.randn(P, splits, R, generator=g) * 4
     pl = torch.rand(P, splits, R, generator=g) + 0.5
     po = torch.randn(P, splits, R, D, generator=g)
     if splits > 1:  # empty splits: the last one
         pm[:, -1], pl[:, -1], po[:, -1] = -float("inf"), 0.0, 0.0
-    if splits > 16:  # and a whole first chunk of program 1
-        pm[1, :16], pl[1, :16], po[1, :16] = -float("inf"), 0.0, 0.0
+    if splits > 128:  # and a whole first step of program 1
+        pm[1, :128], pl[1, :128], po[1, :128] = -float("inf"), 0.0, 0.0
     w = torch.exp2(pm - pm.amax(1, keepdim=True))  # (P, S, R)
     want = (po * w[..., None]).sum(1) / (pl * w).sum(1)[..., None]  # (P, R, D)
     out = torch.empty(1, P * R, D, device=device)

