@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import itertools
 import math
+import sys
 
 import torch
 
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
     other = None
     if a.against:
         spec = importlib.util.spec_from_file_location("hack_kernels.decode_against", a.against)
-        other = importlib.util.module_from_spec(spec)
+        other = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclass looks itself up
         spec.loader.exec_module(other)
     Hq, H, D = bd.SHAPES[a.model]
     scaling = 1 / math.sqrt(D)
