@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     consts = dict(R=a.rows, RP=rp, D=D, PI=a.partition, G=G, BITS=a.bits, SP=16, LAYOUT=int(a.layout == "token"),
                   OPER=oper, DT=dt, TDT=tl.bfloat16, ASM=True,
                   NB=a.blocks_per_iter)
-    sig = {n: "*fp32" for n in "Q PO PM PL".split()}
+    sig = {n: "*fp32" for n in "PO PM PL".split()} | {"Q": "*bf16", "QSCALE": "fp32"}
     sig.update({n: "*u8" for n in "KC VC KSUM VSUM".split()}, **{n: "*fp16" for n in "KMN KSC VMN VSC".split()})
     sig.update({n: "*bf16" for n in "SK SV OK OV".split()}, **{n: "*i32" for n in "NCL FILL SFILL".split()})
     res, sass = compile_sm90(_decode_kernel, sig, consts, {"num_warps": a.warps})
