@@ -42,8 +42,10 @@ if [ "$PART" != bundle ]; then
   export PYTHONPATH=/tmp/pkgs:$PWD:/tmp/site
 fi
 
-job() {  # job NAME GPU ARGS...: one detached `hack eval accuracy` run, logging to $RUNS/NAME.log; resumed if
-  local name=$1 gpu=$2 resume=false; shift 2  # $RUNS/NAME holds one (its config.yaml), else a fresh run there
+# job NAME GPU ARGS...: one detached `hack eval accuracy` run in $RUNS/NAME, logging to $RUNS/NAME.log; it resumes
+# the run there if the directory holds one (its config.yaml), else starts one
+job() {
+  local name=$1 gpu=$2 resume=false; shift 2
   mkdir -p $RUNS && [ -f $RUNS/$name/config.yaml ] && resume=true
   CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=2 setsid nohup python3 -m hack_cli eval accuracy \
     experiment=accuracy_paper accuracy.batch_size=$BATCH accuracy.device=cuda logging.wandb.mode=disabled \
