@@ -2,6 +2,8 @@
 truncation, the paired table, and tiny end-to-end runs (random weights: the pipeline is real, the scores are not)."""
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,9 +103,6 @@ def test_shared_prefill_gives_the_same_answers_as_each_method_prefilling_alone()
 def test_paper_tasks_load_hub_schema_fixtures_and_score():
     """In a child process: scoring these tasks configures global logging onto pytest's per-test captured stream,
     which breaks every later test that runs the CLI in-process (I/O on a closed file)."""
-    import subprocess
-    import sys
-
     code = "import test_accuracy as t; t.check_paper_tasks()"
     subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, check=True, timeout=300)
 
@@ -200,9 +199,6 @@ def test_ruler_documents_without_a_reference_answer_are_left_out(monkeypatch):
 def hack(*args):
     """The CLI in a child process: lm-eval's logging setup inside pytest's per-test capture otherwise breaks
     every later in-process CLI run (I/O on a closed file)."""
-    import subprocess
-    import sys
-
     result = subprocess.run([sys.executable, "-m", "hack_cli", *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -269,6 +265,20 @@ def test_merge_joins_shard_copies_each_key_once(tmp_path):
     assert merge(tmp_path / "run", [tmp_path / "s1"]) == 0  # merging again adds nothing
 
 
+@pytest.mark.parametrize("tool, args, message", [
+    ("table", ["--help"], "usage: python -m hack_cli.eval.table"),
+    ("table", ["{tmp}/nowhere"], "nowhere is not a directory"),
+    ("table", ["{tmp}"], "error: no samples.jsonl rows in"),
+    ("merge", ["{tmp}/run", "{tmp}"], "error: no samples.jsonl in"),
+])
+def test_table_and_merge_refuse_bad_input_in_one_line(tmp_path, tool, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = subprocess.run([sys.executable, "-m", f"hack_cli.eval.{tool}", *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_tiny_sweep_builds_the_sweep_table(tmp_path):
     out = tmp_path / "sweep"
     hack("eval", "accuracy", "-m", *TINY, "quant=fp16,hack", "accuracy.baseline=null", f"out_dir={out}")
@@ -284,9 +294,6 @@ def test_methods_list_adds_configs_and_rejects_unknown_ones(tmp_path):
          "accuracy.methods=[{quant: hack, partition: 32},{quant: hack_v1},{quant: hack, layout: token}]")
     assert {r["method"] for r in rows(out / "samples.jsonl")} == {  # hack_v1 also changes rounding, sinks, prefill
         "fp16", "hack-channel-b2-p32", "hack-token-b2-p64-sr-s0-qp", "hack-token-b2-p64"}
-    import subprocess
-    import sys
-
     bad = subprocess.run([sys.executable, "-m", "hack_cli", "eval", "accuracy", *TINY, f"out_dir={tmp_path / 'bad'}",
                           "accuracy.methods=[{quant: nope}]"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no quant config 'nope'" in bad.stderr

