@@ -184,7 +184,7 @@ def run(job) -> dict:
     (job.run_dir / "accuracy_table.md").write_text(text)
     print(text)
     if job.run_dir.name.isdigit():  # a job of a multirun: the sweep's table covers every job so far
-        table.write_table([job.run_dir.parent], job.run_dir.parent)
+        table.write_table(table.load_samples([job.run_dir.parent]), job.run_dir.parent)
 
     metrics = {}
     for e in summary:

@@ -74,9 +74,9 @@ def to_markdown(summary: list[dict], baseline: str = "fp16") -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def write_table(dirs: Iterable[Path], out_dir: Path, baseline: str = "fp16") -> str:
-    """accuracy_table.md and accuracy_table.csv in `out_dir`, from every samples.jsonl under `dirs`."""
-    summary = summarize(load_samples(dirs), baseline)
+def write_table(rows: list[dict], out_dir: Path, baseline: str = "fp16") -> str:
+    """accuracy_table.md and accuracy_table.csv in `out_dir`, from sample rows (`load_samples`)."""
+    summary = summarize(rows, baseline)
     text = to_markdown(summary, baseline)
     (Path(out_dir) / "accuracy_table.md").write_text(text)
     write_csv(Path(out_dir) / "accuracy_table.csv", summary)
@@ -89,9 +89,10 @@ def main(argv: list[str]) -> None:
     missing = [a for a in argv if not Path(a).is_dir()]
     if missing:
         sys.exit(f"error: {missing[0]} is not a directory")
-    if not load_samples([Path(a) for a in argv]):
+    rows = load_samples([Path(a) for a in argv])
+    if not rows:
         sys.exit(f"error: no {SAMPLES} rows in {' '.join(argv)} or the run directories in it")
-    print(write_table([Path(a) for a in argv], Path(argv[0])))
+    print(write_table(rows, Path(argv[0])))
 
 
 if __name__ == "__main__":
