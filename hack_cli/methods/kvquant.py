@@ -21,9 +21,13 @@ Stored tensors of one layer (B sequences, H KV heads, D head dim, S sinks; slot 
   sink_k, sink_v (B, H, S, D) 16-bit       sink tokens (K after RoPE)
   k_codes, v_codes (B, H, cap, D·b/8) uint8 level indices packed as in hack's `pack`
   v_zero, v_half (B, H, cap) fp16           per-token, per-head value normalization
-  per sequence, CSR over its quantized tokens (slot order):
-  k_count (n,) int16, k_idx (nnz,) int16 = h·D + d, k_val (nnz,) 16-bit     key outliers (pre-RoPE values)
-  v_idx (n, o) int16, v_val (n, o) 16-bit                                   value outliers, o per token
+  k_count (B, cap) int16, and per sequence k_idx (nnz,) int16 = h·D + d, k_val (nnz,) 16-bit: key outliers
+      (pre-RoPE values) in CSR over the sequence's slots
+  v_idx (B, cap, o) int16, v_val (B, cap, o) 16-bit                        value outliers, o per token
+A sequence's wire payload is its slice of each: k_count (n,), k_idx, k_val, v_idx (n, o), v_val (n, o).
+An append quantizes every new token of the batch in one pass (one device sync, for the key outliers' count), and
+`dequantize` restores every sequence's outliers in one scatter: a decode step's kernels are the same for 1 or 100
+sequences, but for two concatenations per sequence that has new key outliers.
 Levels, thresholds and RoPE tables are per model (like the weights), not per sequence: they are not sent.
 `partition` is unused (KVQuant has no groups); `bits` is the code width of the nuq levels.
 """
@@ -105,13 +109,19 @@ def quantize_keys(k: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: t
     return nearest_level(norm, levels[:, None])
 
 
+def value_outlier_index(v: torch.Tensor, count: int) -> torch.Tensor:
+    """v (H, n, D) -> (n, count) positions h·D + d of each token's `count` largest |v| over its heads, ascending."""
+    H, n, D = v.shape
+    if not count:
+        return torch.zeros(n, 0, dtype=torch.long, device=v.device)
+    return v.abs().transpose(0, 1).reshape(n, H * D).topk(count, -1).indices.sort(-1).values
+
+
 def value_outliers(v: torch.Tensor, count: int) -> torch.Tensor:
     """v (H, n, D) -> (H, n, D) bool marking each token's `count` largest |v| over all its heads."""
     H, n, D = v.shape
     mask = torch.zeros(n, H * D, dtype=torch.bool, device=v.device)
-    if count:
-        top = v.abs().transpose(0, 1).reshape(n, H * D).topk(count, -1).indices  # (n, count)
-        mask.scatter_(1, top, True)
+    mask.scatter_(1, value_outlier_index(v, count), True)
     return mask.reshape(n, H, D).transpose(0, 1)
 
 
@@ -170,16 +180,15 @@ class KVQuantLayerKV(LayerKV):
         self.rope_scaling = float(calib["rope_scaling"][layer_idx])
         self.rope = rope_cos_sin(self.inv_freq, self.rope_scaling, torch.arange(0, device=dev))  # grown on demand
         self.v_count = round(cfg.outlier_fraction * kv_heads * head_dim)  # value outliers per token
-        B, H, D, S = batch, kv_heads, head_dim, self.sinks
+        B, H, D, S, o = batch, kv_heads, head_dim, self.sinks, self.v_count
         self.sink = {x: torch.zeros(B, H, S, D, dtype=self.tail_dtype, device=dev) for x in "kv"}
-        self.t = {"k_codes": torch.zeros(B, H, 0, D * self.bits // 8, dtype=torch.uint8, device=dev),
-                  "v_codes": torch.zeros(B, H, 0, D * self.bits // 8, dtype=torch.uint8, device=dev),
-                  "v_zero": torch.zeros(B, H, 0, dtype=torch.float16, device=dev),
-                  "v_half": torch.zeros(B, H, 0, dtype=torch.float16, device=dev)}
-        empty = lambda *shape, dtype=torch.int16: torch.zeros(*shape, dtype=dtype, device=dev)
-        o = self.v_count
-        self.sparse = [{"k_count": empty(0), "k_idx": empty(0), "k_val": empty(0, dtype=self.tail_dtype),
-                        "v_idx": empty(0, o), "v_val": empty(0, o, dtype=self.tail_dtype)} for _ in range(B)]
+        zeros = lambda *shape, dtype=torch.int16: torch.zeros(*shape, dtype=dtype, device=dev)
+        self.t = {"k_codes": zeros(B, H, 0, D * self.bits // 8, dtype=torch.uint8),  # slots along dim 2
+                  "v_codes": zeros(B, H, 0, D * self.bits // 8, dtype=torch.uint8),
+                  "v_zero": zeros(B, H, 0, dtype=torch.float16), "v_half": zeros(B, H, 0, dtype=torch.float16)}
+        self.tok = {"k_count": zeros(B, 0), "v_idx": zeros(B, 0, o),  # slots along dim 1: per token
+                    "v_val": zeros(B, 0, o, dtype=self.tail_dtype)}
+        self.k_csr = [{"k_idx": zeros(0), "k_val": zeros(0, dtype=self.tail_dtype)} for _ in range(B)]
 
     def _cos_sin(self, pos: torch.Tensor):
         """RoPE cos, sin (n, R) at positions pos (n,), from a table of positions grown by doubling."""
@@ -193,67 +202,99 @@ class KVQuantLayerKV(LayerKV):
     def n_quant(self, b: int) -> int:
         return max(0, int(self.lengths[b]) - self.sinks)
 
+    def _grow(self, need: int) -> None:
+        for name in self.t:
+            self.t[name] = grow(self.t[name], need, 2)
+        for name in self.tok:
+            self.tok[name] = grow(self.tok[name], need, 1)
+
     # ------------------------------------------------------------------------------------------ append
-    def _append_seq(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        start, S = int(self.lengths[b]), self.sinks
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        """k, v: (B, H, T, D); valid: (B, T) bool, False for padding (dropped). Every new token of the batch is
+        quantized in one pass; no statistic is shared between tokens, so batching changes no stored bit."""
+        B, H, T, D = k.shape
+        valid = torch.ones(B, T, dtype=torch.bool) if valid is None else valid.to("cpu")
+        pos = self._positions(valid)  # (B, T) host, -1 for padding
         k, v = k.to(self.tail_dtype), v.to(self.tail_dtype)  # quantize what a serving model holds
-        take = max(0, min(S - start, k.shape[1]))
-        if take:
-            self.sink["k"][b, :, start:start + take] = k[:, :take]
-            self.sink["v"][b, :, start:start + take] = v[:, :take]
-        k, v = k[:, take:].float(), v[:, take:].float()  # (H, n, D)
-        n = k.shape[1]
-        if not n:
-            return
+        sink = valid & (pos < self.sinks)
+        if bool(sink.any()):
+            sb, st = sink.nonzero(as_tuple=True)
+            sb, st, sp = (x.to(self.device) for x in (sb, st, pos[sb, st]))
+            self.sink["k"][sb, :, sp] = k[sb, :, st]  # (m, H, D)
+            self.sink["v"][sb, :, sp] = v[sb, :, st]
+        quant = valid & (pos >= self.sinks)  # (B, T)
+        if bool(quant.any()):
+            qb, qt = quant.nonzero(as_tuple=True)  # (m,) each, in (b, t) order
+            if bool(quant.all()):  # a decode step, or a prefill without padding: no gather
+                k, v = (x.transpose(0, 1).reshape(H, B * T, D) for x in (k, v))  # (H, m, D)
+            else:
+                qbd, qtd = qb.to(self.device), qt.to(self.device)
+                k, v = (x[qbd, :, qtd].transpose(0, 1) for x in (k, v))  # (H, m, D)
+            self._append_tokens(k, v, qb, pos[qb, qt])
+        self.q_pos = pos
+        self.lengths += valid.long().sum(-1)
+
+    def _append_tokens(self, k: torch.Tensor, v: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> None:
+        """k, v (H, m, D) 16-bit: m new tokens of the batch, token i of sequence seq[i] at position pos[i] (host,
+        sorted by sequence, then position)."""
+        H, m, D = k.shape
         where = f"kvquant layer {self.layer_idx}"
+        k, v = k.float(), v.float()
         check_finite(k, where + " K")
         check_finite(v, where + " V")
         if self.cfg.pre_rope:
-            k = invert_rope(k, *self._cos_sin(torch.arange(start + take, start + take + n)))
-        j0 = start + take - S  # first slot
-        for name in self.t:
-            self.t[name] = grow(self.t[name], j0 + n)
-        k_out = key_outliers(k, self.k_lo, self.k_hi)
-        self.t["k_codes"][b, :, j0:j0 + n] = pack(quantize_keys(k, self.k_lo, self.k_hi, self.k_levels), self.bits)
-        v_out = value_outliers(v, self.v_count)
-        zero, half = value_range(v, v_out)
-        self.t["v_codes"][b, :, j0:j0 + n] = pack(quantize_values(v, zero, half, self.v_levels), self.bits)
-        self.t["v_zero"][b, :, j0:j0 + n], self.t["v_half"][b, :, j0:j0 + n] = zero, half
-        self._add_outliers(b, k, k_out, v, v_out)
-
-    def _add_outliers(self, b, k, k_out, v, v_out) -> None:
-        """Append the new tokens' outliers (token-major, h·D + d order) to sequence b's CSR arrays."""
-        H, n, D = k.shape
-        flat = lambda x: x.transpose(0, 1).reshape(n, H * D)  # (n, H·D)
+            k = invert_rope(k, *self._cos_sin(pos))
+        slot = pos - self.sinks  # (m,) host
+        self._grow(int(slot.max()) + 1)
+        b, j = seq.to(self.device), slot.to(self.device)
+        k_out = key_outliers(k, self.k_lo, self.k_hi)  # (H, m, D)
+        k_codes = pack(quantize_keys(k, self.k_lo, self.k_hi, self.k_levels), self.bits)  # (H, m, D·b/8)
+        self.t["k_codes"][b, :, j] = k_codes.transpose(0, 1)
+        v_idx = value_outlier_index(v, self.v_count)  # (m, o)
+        v_out = torch.zeros(m, H * D, dtype=torch.bool, device=self.device).scatter_(1, v_idx, True)
+        v_out = v_out.reshape(m, H, D).transpose(0, 1)  # (H, m, D)
+        zero, half = value_range(v, v_out)  # (H, m)
+        self.t["v_codes"][b, :, j] = pack(quantize_values(v, zero, half, self.v_levels), self.bits).transpose(0, 1)
+        self.t["v_zero"][b, :, j], self.t["v_half"][b, :, j] = zero.T, half.T
+        flat = lambda x: x.transpose(0, 1).reshape(m, H * D)  # (m, H·D)
+        self.tok["v_idx"][b, j] = v_idx.to(torch.int16)
+        self.tok["v_val"][b, j] = flat(v).gather(1, v_idx).to(self.tail_dtype)
         km, kf = flat(k_out), flat(k)
-        tok, idx = km.nonzero(as_tuple=True)
-        vm, vf = flat(v_out), flat(v)
-        v_idx = vm.nonzero(as_tuple=True)[1].reshape(n, self.v_count)  # exactly v_count per token
-        new = {"k_count": km.sum(-1).to(torch.int16), "k_idx": idx.to(torch.int16),
-               "k_val": kf[tok, idx].to(self.tail_dtype), "v_idx": v_idx.to(torch.int16),
-               "v_val": vf.gather(1, v_idx).to(self.tail_dtype)}
-        sp = self.sparse[b]
-        for name, t in new.items():
-            sp[name] = torch.cat([sp[name], t])
+        counts = km.sum(-1)  # (m,)
+        self.tok["k_count"][b, j] = counts.to(torch.int16)
+        tok, idx = km.nonzero(as_tuple=True)  # token-major, h·D + d order: each sequence's entries in a run
+        per_seq = torch.zeros(self.batch, dtype=torch.long).index_add_(0, seq, counts.cpu()).tolist()
+        k_idx, k_val = idx.to(torch.int16).split(per_seq), kf[tok, idx].to(self.tail_dtype).split(per_seq)
+        for s, csr in enumerate(self.k_csr):
+            if per_seq[s]:
+                csr["k_idx"], csr["k_val"] = torch.cat([csr["k_idx"], k_idx[s]]), torch.cat([csr["k_val"], k_val[s]])
 
     # ------------------------------------------------------------------------------------------ attend
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """K̂ (pre-RoPE when `pre_rope`), V̂ (B, H, n, D) fp32 of the quantized slots, outliers restored."""
+        """K̂ (pre-RoPE when `pre_rope`), V̂ (B, H, n, D) fp32 of the quantized slots, outliers restored. Slots past a
+        sequence's own length hold whatever is there (attention masks them)."""
         B, H, D = self.batch, self.kv_heads, self.head_dim
-        nq = max(self.n_quant(b) for b in range(B))
+        n = (self.lengths - self.sinks).clamp_min(0)  # (B,) host
+        nq = int(n.max())
         kc = unpack_codes(self.t["k_codes"][:, :, :nq], self.bits).int() + self.k_base  # (B, H, nq, D)
         k = self.k_table.index_select(0, kc.reshape(-1)).reshape(kc.shape)  # zero + half · level, per channel
         vc = unpack_codes(self.t["v_codes"][:, :, :nq], self.bits).int()
         v = (self.t["v_zero"][:, :, :nq].float()[..., None] + self.t["v_half"][:, :, :nq].float()[..., None]
              * self.v_levels.index_select(0, vc.reshape(-1)).reshape(vc.shape))  # (B, H, nq, D)
-        for b in range(B):
-            n, sp = self.n_quant(b), self.sparse[b]
-            tok = torch.arange(n, device=self.device).repeat_interleave(sp["k_count"].long())  # (nnz,)
-            idx = sp["k_idx"].long()
-            k[b, idx // D, tok, idx % D] = sp["k_val"].float()
-            vt = torch.arange(n, device=self.device)[:, None].expand(n, self.v_count)
-            vi = sp["v_idx"].long()
-            v[b, vi // D, vt, vi % D] = sp["v_val"].float()
+        if nq == 0:
+            return k, v
+        # key outliers: every sequence's CSR at once; row r = b·nq + slot, counts of slots past n[b] are not its own
+        live = (torch.arange(nq)[None] < n[:, None]).to(self.device)  # (B, nq)
+        counts = (self.tok["k_count"][:, :nq].long() * live).reshape(-1)  # (B·nq,)
+        nnz = sum(csr["k_idx"].numel() for csr in self.k_csr)
+        rows = torch.repeat_interleave(torch.arange(B * nq, device=self.device), counts, output_size=nnz)  # (nnz,)
+        idx = torch.cat([csr["k_idx"] for csr in self.k_csr]).long()
+        k[rows // nq, idx // D, rows % nq, idx % D] = torch.cat([csr["k_val"] for csr in self.k_csr]).float()
+        # value outliers: o per slot
+        vi = self.tok["v_idx"][:, :nq].long()  # (B, nq, o)
+        bb = torch.arange(B, device=self.device)[:, None, None]
+        jj = torch.arange(nq, device=self.device)[None, :, None]
+        v[bb, vi // D, jj, vi % D] = self.tok["v_val"][:, :nq].float()
         return k, v
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,13 +312,13 @@ class KVQuantLayerKV(LayerKV):
 
     # ------------------------------------------------------------------------------------------ bytes / wire
     def seq_bytes(self, b: int) -> Bytes:
-        H, D = self.kv_heads, self.head_dim
-        n, sp = self.n_quant(b), self.sparse[b]
+        H, D, o = self.kv_heads, self.head_dim, self.v_count
+        n, nnz = self.n_quant(b), self.k_csr[b]["k_idx"].numel()
         sinks = min(int(self.lengths[b]), self.sinks)
         tail = torch.finfo(self.tail_dtype).bits // 8
         return Bytes(codes=2 * H * n * D * self.bits // 8, meta=2 * H * n * 2,  # v_zero, v_half
-                     fp16=2 * H * sinks * D * tail + (sp["k_val"].numel() + sp["v_val"].numel()) * tail,
-                     index=2 * (sp["k_count"].numel() + sp["k_idx"].numel() + sp["v_idx"].numel()))
+                     fp16=2 * H * sinks * D * tail + (nnz + n * o) * tail,  # sinks, k_val, v_val
+                     index=2 * (n + nnz + n * o))  # k_count, k_idx, v_idx (int16)
 
     def stored_bytes(self) -> Bytes:
         return sum((self.seq_bytes(b) for b in range(self.batch)), Bytes())
@@ -286,7 +327,9 @@ class KVQuantLayerKV(LayerKV):
         n, s = self.n_quant(b), min(int(self.lengths[b]), self.sinks)
         out = {f"sink_{x}": self.sink[x][b, :, :s].clone() for x in "kv"}
         out.update({name: t[b, :, :n].clone() for name, t in self.t.items()})
-        out.update({name: t.clone() for name, t in self.sparse[b].items()})
+        csr = self.k_csr[b]
+        out.update(k_count=self.tok["k_count"][b, :n].clone(), k_idx=csr["k_idx"].clone(), k_val=csr["k_val"].clone(),
+                   v_idx=self.tok["v_idx"][b, :n].clone(), v_val=self.tok["v_val"][b, :n].clone())
         return out
 
     def import_seq(self, b: int, state: dict[str, torch.Tensor]) -> None:
@@ -295,10 +338,12 @@ class KVQuantLayerKV(LayerKV):
         s, n = state["sink_k"].shape[1], state["k_codes"].shape[1]
         for x in "kv":
             self.sink[x][b, :, :s] = state[f"sink_{x}"]
+        self._grow(n)
         for name in self.t:
-            self.t[name] = grow(self.t[name], n)
             self.t[name][b, :, :n] = state[name]
-        self.sparse[b] = {name: state[name].clone() for name in self.sparse[b]}
+        for name in self.tok:
+            self.tok[name][b, :n] = state[name]
+        self.k_csr[b] = {name: state[name].clone() for name in ("k_idx", "k_val")}
         self.lengths[b] = s + n
 
 
