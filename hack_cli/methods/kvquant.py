@@ -25,9 +25,9 @@ Stored tensors of one layer (B sequences, H KV heads, D head dim, S sinks; slot 
       (pre-RoPE values) in CSR over the sequence's slots
   v_idx (B, cap, o) int16, v_val (B, cap, o) 16-bit                        value outliers, o per token
 A sequence's wire payload is its slice of each: k_count (n,), k_idx, k_val, v_idx (n, o), v_val (n, o).
-An append quantizes every new token of the batch in one pass (one device sync, for the key outliers' count), and
-`dequantize` restores every sequence's outliers in one scatter: a decode step's kernels are the same for 1 or 100
-sequences, but for two concatenations per sequence that has new key outliers.
+An append quantizes every new token of the batch in one pass (four device syncs: the two finiteness checks, the key
+outliers' positions and counts), and `dequantize` restores every sequence's outliers in one scatter: a decode step's
+kernels are the same for 1 or 100 sequences, but for two concatenations per sequence that has new key outliers.
 Levels, thresholds and RoPE tables are per model (like the weights), not per sequence: they are not sent.
 `partition` is unused (KVQuant has no groups); `bits` is the code width of the nuq levels.
 """
@@ -117,12 +117,17 @@ def value_outlier_index(v: torch.Tensor, count: int) -> torch.Tensor:
     return v.abs().transpose(0, 1).reshape(n, H * D).topk(count, -1).indices.sort(-1).values
 
 
+def index_mask(idx: torch.Tensor, H: int, D: int) -> torch.Tensor:
+    """idx (n, count) positions h·D + d -> (H, n, D) bool, True at them."""
+    n = idx.shape[0]
+    mask = torch.zeros(n, H * D, dtype=torch.bool, device=idx.device).scatter_(1, idx, True)
+    return mask.reshape(n, H, D).transpose(0, 1)
+
+
 def value_outliers(v: torch.Tensor, count: int) -> torch.Tensor:
     """v (H, n, D) -> (H, n, D) bool marking each token's `count` largest |v| over all its heads."""
-    H, n, D = v.shape
-    mask = torch.zeros(n, H * D, dtype=torch.bool, device=v.device)
-    mask.scatter_(1, value_outlier_index(v, count), True)
-    return mask.reshape(n, H, D).transpose(0, 1)
+    H, _, D = v.shape
+    return index_mask(value_outlier_index(v, count), H, D)
 
 
 def value_range(v: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,9 +256,7 @@ class KVQuantLayerKV(LayerKV):
         k_codes = pack(quantize_keys(k, self.k_lo, self.k_hi, self.k_levels), self.bits)  # (H, m, D·b/8)
         self.t["k_codes"][b, :, j] = k_codes.transpose(0, 1)
         v_idx = value_outlier_index(v, self.v_count)  # (m, o)
-        v_out = torch.zeros(m, H * D, dtype=torch.bool, device=self.device).scatter_(1, v_idx, True)
-        v_out = v_out.reshape(m, H, D).transpose(0, 1)  # (H, m, D)
-        zero, half = value_range(v, v_out)  # (H, m)
+        zero, half = value_range(v, index_mask(v_idx, H, D))  # (H, m)
         self.t["v_codes"][b, :, j] = pack(quantize_values(v, zero, half, self.v_levels), self.bits).transpose(0, 1)
         self.t["v_zero"][b, :, j], self.t["v_half"][b, :, j] = zero.T, half.T
         flat = lambda x: x.transpose(0, 1).reshape(m, H * D)  # (m, H·D)
